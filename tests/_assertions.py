@@ -1,0 +1,48 @@
+"""Shared comparison helpers: the flash-attention rule, with a report that says where and how a tensor is wrong."""
+from __future__ import annotations
+
+import torch
+
+
+def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> str:
+    actual64, expected64 = actual.detach().double().cpu(), expected.detach().double().cpu()
+    err = (actual64 - expected64).abs()
+    nan_mismatch = int((torch.isnan(actual64) != torch.isnan(expected64)).sum())
+    inf_mismatch = int((torch.isinf(actual64) != torch.isinf(expected64)).sum())
+    err = torch.where(torch.isfinite(err), err, torch.zeros_like(err))
+    worst = int(err.argmax()) if err.numel() else 0
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape)) if err.numel() else ()
+    bad = int((err > tol).sum())
+    return (f"{bad}/{err.numel()} elements off by more than {tol:.3g}; worst {float(err.max()) if err.numel() else 0:.3g} "
+            f"at {index} (got {float(actual64.flatten()[worst]) if err.numel() else 0:.6g}, "
+            f"want {float(expected64.flatten()[worst]) if err.numel() else 0:.6g}); "
+            f"NaN mismatches {nan_mismatch}, inf mismatches {inf_mismatch}")
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max |actual - expected| with inf == inf (same sign) counting as 0 and any NaN counting as inf."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    both_inf_equal = torch.isinf(a) & torch.isinf(e) & (a == e)
+    diff = torch.where(both_inf_equal, torch.zeros_like(a), (a - e).abs())
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    return float(diff.max())
+
+
+def assert_close_to_truth(name: str, actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor | None = None,
+                          *, rtol: float = 1e-4, factor: float = 2.0, atol: float = 1e-5) -> None:
+    """flash-attention's rule: err(actual) <= factor * err(baseline) + atol, both against the float64 truth.
+
+    ``baseline`` is the same computation done with PyTorch ops in the kernel's dtype. Without a baseline (fp32
+    kernels), the error must be within ``rtol`` of the truth's magnitude (plus ``atol``).
+    """
+    err = max_abs_error(actual, truth)
+    if baseline is not None:
+        tol = factor * max_abs_error(baseline, truth) + atol
+    else:
+        tol = rtol * max(1.0, float(truth.detach().double().abs().nan_to_num(posinf=0, neginf=0).max())) + atol
+    if not err <= tol:
+        raise AssertionError(f"{name}: error {err:.3g} > tolerance {tol:.3g}: {describe_mismatch(actual, truth, tol)}")
