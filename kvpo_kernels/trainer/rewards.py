@@ -1,0 +1,116 @@
+"""Rewards: a protocol, built-in synthetic rewards (no download), and how to wrap a learned one.
+
+A reward scores samples. It receives latents ``[N, C, F, H, W]`` (N samples, F latent frames) and the prompt index
+of each sample (``[N]`` int64, into the trainer's prompt list) and returns ``[N, C_r]``: one score per sample and
+reward component (higher is better). The trainer calls it twice per group: on the perturbed chunk ("local") and on
+the whole video ("global"), with the anchor as the last sample.
+
+Wrapping a learned reward (HPSv3, VideoAlign, ...): decode latents with the VAE, then score frames with the model::
+
+    class HPSv3Reward:
+        names = ("hpsv3",)
+        def __init__(self, vae, scorer, prompts):        # e.g. diffusers AutoencoderKLWan + the HPSv3 inferencer
+            self.vae, self.scorer, self.prompts = vae, scorer, prompts
+        @torch.no_grad()
+        def __call__(self, latents, prompt_ids):
+            video = self.vae.decode(latents / self.vae.config.scaling_factor).sample   # [N, 3, T, H, W] in [-1, 1]
+            frames = video[:, :, :: video.shape[2] // 4]                              # a few frames per clip
+            scores = [self.scorer.reward([f for f in clip.unbind(1)], [self.prompts[p]] * clip.shape[1]).mean()
+                      for clip, p in zip(frames, prompt_ids.tolist())]
+            return torch.stack(scores).float().unsqueeze(1)                         # [N, 1]
+
+VideoAlign returns several heads (visual quality, motion quality, text alignment): return them as 3 components
+(``names = ("vq", "mq", "ta")``) and weight them with ``reward.weights`` in the config.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    """``reward(latents [N, C, F, H, W], prompt_ids [N] int64) -> scores [N, len(names)]`` (higher is better)."""
+
+    names: Tuple[str, ...]
+
+    def __call__(self, latents: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class LinearDecoder:
+    """A fixed random linear "VAE": latent channels -> RGB per pixel, ``rgb = tanh(W z + b)``, seeded.
+
+    Deterministic and cheap; stands in for a real decoder so that rewards look at colours, not raw latents.
+    """
+
+    def __init__(self, latent_channels: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(3, latent_channels, generator=gen) / latent_channels ** 0.5  # [3, C]
+        self.bias = 0.1 * torch.randn(3, generator=gen)
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents ``[N, C, F, H, W]`` -> video ``[N, 3, F, H, W]`` in (-1, 1), float32."""
+        z = latents.float()
+        rgb = torch.einsum("oc,ncfhw->nofhw", self.weight.to(z.device), z) + self.bias.to(z.device).view(1, 3, 1, 1, 1)
+        return torch.tanh(rgb)
+
+
+class BrightnessReward:
+    """``-|mean brightness of the decoded video - target|``: a colour/brightness target, monotone in the latents.
+
+    The brightness is the mean of the decoded RGB over channels, frames and pixels, in (-1, 1). A small change of
+    the model's output bias moves it smoothly, which makes it a dependable signal for checking that training works.
+    """
+
+    names = ("brightness",)
+
+    def __init__(self, latent_channels: int, target: float = 0.5, seed: int = 0):
+        self.decoder = LinearDecoder(latent_channels, seed)
+        self.target = target
+
+    def __call__(self, latents: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+        brightness = self.decoder(latents).mean(dim=(1, 2, 3, 4))
+        return -(brightness - self.target).abs().unsqueeze(1)
+
+
+class TemporalSmoothnessReward:
+    """``-mean_f mean |x[f + 1] - x[f]|`` of the decoded video: penalises flicker between consecutive frames."""
+
+    names = ("smoothness",)
+
+    def __init__(self, latent_channels: int, seed: int = 0):
+        self.decoder = LinearDecoder(latent_channels, seed)
+
+    def __call__(self, latents: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+        video = self.decoder(latents)
+        if video.shape[2] < 2:
+            return video.new_zeros(video.shape[0], 1)
+        return -(video[:, :, 1:] - video[:, :, :-1]).abs().mean(dim=(1, 2, 3, 4)).unsqueeze(1)
+
+
+class CombinedReward:
+    """Several rewards side by side: their components concatenated, in order."""
+
+    def __init__(self, rewards: Sequence[RewardFn]):
+        self.rewards = list(rewards)
+        self.names = tuple(name for reward in self.rewards for name in reward.names)
+
+    def __call__(self, latents: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([reward(latents, prompt_ids).float() for reward in self.rewards], dim=1)
+
+
+BUILTIN_REWARDS = {"brightness": BrightnessReward, "smoothness": TemporalSmoothnessReward}
+
+
+def build_reward(specs: List[Dict], latent_channels: int, seed: int) -> CombinedReward:
+    """Rewards from config entries ``{"name": "brightness", "weight": 1.0, ...kwargs}`` (weights read elsewhere)."""
+    rewards = []
+    for spec in specs:
+        kwargs = {key: value for key, value in spec.items() if key not in ("name", "weight")}
+        name = spec.get("name")
+        if name not in BUILTIN_REWARDS:
+            raise ValueError(f"reward.components: unknown reward {name!r}; built-in: {sorted(BUILTIN_REWARDS)} "
+                             "(for a learned reward, build the Trainer in Python with reward_fn=...)")
+        rewards.append(BUILTIN_REWARDS[name](latent_channels, seed=seed, **kwargs))
+    return CombinedReward(rewards)
