@@ -29,7 +29,6 @@ import pytest
 import torch
 
 
-
 def pytest_collect_file(file_path, parent):
     """Collect ``bench_*.py`` (pytest's default pattern is ``test_*.py``); explicit paths are collected by pytest."""
     if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
