@@ -1,0 +1,544 @@
+"""Triton kernels for routed (paged) attention: FlashAttention-2 forward, and a backward whose pool gradients are
+deterministic sums with no atomics.
+
+Layouts (any strides; Triton specialises unit strides):
+    q, out, dq           [B, Lq, Hq, D]
+    k_cache, v_cache     [N, S, Hkv, D]   pool of N blocks of S tokens (S any positive int)
+    k_new, v_new         [B, Ln, Hkv, D]  per-sequence chunk read after the blocks
+    block_table          int [B, M], block_counts int [B]
+    lse, delta           fp32 [B, Hq, Lq] (natural log)
+
+Sequence b's keys are the S tokens of each of its ``block_counts[b]`` table blocks, in table order, then its Ln
+new tokens. Query head h reads kv head ``h // GROUP``. Because there is no mask inside a sequence's key list, a
+block's key tiles are independent of where the block sits in the table: only the tail tile of each block (and of
+the new chunk) is masked, and the backward of a pool block does not need the table position of its readers.
+
+Numerics: scores, the online softmax, every accumulator and lse are fp32; the softmax runs in base 2 with the scale
+folded into ``qk_scale = softmax_scale * log2(e)``. fp32 inputs use IEEE dots (no TF32), so the fp32 path matches
+the reference to ~1e-6. Probabilities are rounded to the input dtype before the P @ V and dS @ K dots, as in
+FlashAttention-2.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import triton_interpreting
+
+_LOG2E = math.log2(math.e)
+
+
+def _configs(entries):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
+
+
+# The interpreter runs one config (no autotuning on CPU); 32 x 32 tiles keep the numpy work per program small while
+# still exercising full tiles plus a masked tail for S = 257 and 1560. On CUDA a small FlashAttention-2 style list;
+# configs that exceed shared memory (D = 256, fp32) fail to compile and are skipped by the autotuner, which is why
+# each list ends in a small config.
+if triton_interpreting():
+    _FWD_CONFIGS = _DQ_CONFIGS = _DKDV_CONFIGS = _configs([(32, 32, 4, 1)])
+else:
+    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)])
+    # dQ: a query tile that stays in registers against streamed key tiles, like the forward.
+    _DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)])
+    # dK/dV: a key tile (BLOCK_N) that stays in registers against streamed query tiles (BLOCK_M).
+    _DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 1), (16, 32, 4, 1)])
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, masking rows only when asked and the head dim only when it is padded."""
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_valid, offs_n, d_ok, qk_scale,
+              MASK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over a key tile; ``n_valid`` keys of the tile are real when MASK_N."""
+    n_ok = offs_n < n_valid
+    k = _load_tile(k_ptrs, n_ok, d_ok, MASK_N, EVEN_D)
+    v = _load_tile(v_ptrs, n_ok, d_ok, MASK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    # Every tile holds at least one real key, so m_new is finite and alpha = exp2(-inf) = 0 on the first tile.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_span(acc, m_i, l_i, q, k_ptrs, v_ptrs, length, k_step, v_step, offs_n, d_ok, qk_scale,
+              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Walk ``length`` contiguous keys (one pool block or the new chunk): unmasked full tiles, then one tail."""
+    full_end = (length // BLOCK_N) * BLOCK_N
+    for _start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, BLOCK_N, offs_n, d_ok, qk_scale,
+                                  False, EVEN_D, PRECISION)
+        k_ptrs += k_step
+        v_ptrs += v_step
+    if full_end < length:
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, length - full_end, offs_n, d_ok, qk_scale,
+                                  True, EVEN_D, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"])
+@triton.jit
+def _routed_attention_fwd_kernel(
+    Out, Lse, Q, Kc, Vc, Kn, Vn, Table, Counts,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kcn, stride_kcs, stride_kch, stride_kcd,
+    stride_vcn, stride_vcs, stride_vch, stride_vcd,
+    stride_knb, stride_knm, stride_knh, stride_knd,
+    stride_vnb, stride_vnm, stride_vnh, stride_vnd,
+    stride_tb, stride_ti,
+    Lq, Ln, S, GROUP, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NEW: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[b, m, h] = softmax_k(q[b, m, h] . K_b[k] * scale) @ V_b;  lse[b, h, m] = logsumexp_k (natural log).
+
+    One program per (BLOCK_M query tile, query head h, sequence b). K_b/V_b are read in place from the pool
+    (through the block table) and from the new chunk; nothing is copied. No keys: out = 0, lse = -inf.
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = _load_tile(q_ptrs, m_ok, d_ok, True, EVEN_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    count = tl.load(Counts + b)
+    for i in range(0, count):
+        # int64: block id * block stride passes 2^31 elements for pools of a few GB.
+        blk = tl.load(Table + b * stride_tb + i * stride_ti).to(tl.int64)
+        k_ptrs = Kc + blk * stride_kcn + hk * stride_kch + offs_n[:, None] * stride_kcs + offs_d[None, :] * stride_kcd
+        v_ptrs = Vc + blk * stride_vcn + hk * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :] * stride_vcd
+        acc, m_i, l_i = _fwd_span(acc, m_i, l_i, q, k_ptrs, v_ptrs, S, BLOCK_N * stride_kcs, BLOCK_N * stride_vcs,
+                                  offs_n, d_ok, qk_scale, BLOCK_N, EVEN_D, PRECISION)
+    if HAS_NEW:
+        k_ptrs = Kn + b * stride_knb + hk * stride_knh + offs_n[:, None] * stride_knm + offs_d[None, :] * stride_knd
+        v_ptrs = Vn + b * stride_vnb + hk * stride_vnh + offs_n[:, None] * stride_vnm + offs_d[None, :] * stride_vnd
+        acc, m_i, l_i = _fwd_span(acc, m_i, l_i, q, k_ptrs, v_ptrs, Ln, BLOCK_N * stride_knm, BLOCK_N * stride_vnm,
+                                  offs_n, d_ok, qk_scale, BLOCK_N, EVEN_D, PRECISION)
+
+    # A sequence with no keys has l_i = 0 and m_i = -inf: write 0 and -inf instead of 0/0.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _delta_kernel(
+    Delta, DO, O, DLse,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    stride_glb, stride_glh, stride_glm,
+    Lq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, m] = sum_d dO * O - dlse.
+
+    With s the scores, dL/ds = P * (dP - rowsum(dO * O)) + P * dlse, so a gradient flowing into lse folds into
+    delta and the dQ / dK kernels need no extra term.
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + b * stride_glb + h * stride_glh + offs_m * stride_glm, mask=offs_m < Lq, other=0.0)
+    tl.store(Delta + b * stride_lb + h * stride_lh + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_valid, offs_n, d_ok, qk_scale,
+             MASK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += (P * (dO V^T - delta)) @ K for one key tile, with P recomputed from lse (log2 domain)."""
+    n_ok = offs_n < n_valid
+    k = _load_tile(k_ptrs, n_ok, d_ok, MASK_N, EVEN_D)
+    v = _load_tile(v_ptrs, n_ok, d_ok, MASK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK_N:
+        p = tl.where(n_ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, length, k_step, v_step, offs_n, d_ok, qk_scale,
+             BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    full_end = (length // BLOCK_N) * BLOCK_N
+    for _start in range(0, full_end, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, BLOCK_N, offs_n, d_ok, qk_scale,
+                      False, EVEN_D, PRECISION)
+        k_ptrs += k_step
+        v_ptrs += v_step
+    if full_end < length:
+        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, length - full_end, offs_n, d_ok, qk_scale,
+                      True, EVEN_D, PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"])
+@triton.jit
+def _routed_attention_dq_kernel(
+    DQ, Q, DO, Lse, Delta, Kc, Vc, Kn, Vn, Table, Counts,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_lb, stride_lh,
+    stride_kcn, stride_kcs, stride_kch, stride_kcd,
+    stride_vcn, stride_vcs, stride_vch, stride_vcd,
+    stride_knb, stride_knm, stride_knh, stride_knd,
+    stride_vnb, stride_vnm, stride_vnh, stride_vnd,
+    stride_tb, stride_ti,
+    Lq, Ln, S, GROUP, softmax_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NEW: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq[b, m, h] = scale * sum_k P[m, k] (dP[m, k] - delta[m]) K_b[k]; the same walk as the forward."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < HEAD_DIM
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   m_ok, d_ok, True, EVEN_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    m_ok, d_ok, True, EVEN_D)
+    # Padding rows get lse = +inf, hence P = 0 and no contribution.
+    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    count = tl.load(Counts + b)
+    for i in range(0, count):
+        blk = tl.load(Table + b * stride_tb + i * stride_ti).to(tl.int64)
+        k_ptrs = Kc + blk * stride_kcn + hk * stride_kch + offs_n[:, None] * stride_kcs + offs_d[None, :] * stride_kcd
+        v_ptrs = Vc + blk * stride_vcn + hk * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :] * stride_vcd
+        dq = _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, S, BLOCK_N * stride_kcs, BLOCK_N * stride_vcs,
+                      offs_n, d_ok, qk_scale, BLOCK_N, EVEN_D, PRECISION)
+    if HAS_NEW:
+        k_ptrs = Kn + b * stride_knb + hk * stride_knh + offs_n[:, None] * stride_knm + offs_d[None, :] * stride_knd
+        v_ptrs = Vn + b * stride_vnb + hk * stride_vnh + offs_n[:, None] * stride_vnm + offs_d[None, :] * stride_vnd
+        dq = _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Ln, BLOCK_N * stride_knm, BLOCK_N * stride_vnm,
+                      offs_n, d_ok, qk_scale, BLOCK_N, EVEN_D, PRECISION)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
+                        stride_qb, stride_qm, stride_qh, stride_qd,
+                        stride_dob, stride_dom, stride_doh, stride_dod,
+                        stride_lb, stride_lh,
+                        Lq, GROUP, qk_scale, offs_m, offs_d, d_ok,
+                        BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Add sequence b's contribution to a key tile's dK (unscaled) and dV: all GROUP query heads, all query tiles.
+
+    Keys past the end of the tile's span are zero-loaded; their rows are computed but never stored.
+    """
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        l_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m
+        dl_ptrs = Delta + b * stride_lb + h * stride_lh + offs_m
+        for start_m in range(0, Lq, BLOCK_M):
+            m_ok = offs_m < Lq - start_m
+            q = _load_tile(q_ptrs, m_ok, d_ok, True, EVEN_D)
+            do = _load_tile(do_ptrs, m_ok, d_ok, True, EVEN_D)
+            lse2 = tl.load(l_ptrs, mask=m_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(dl_ptrs, mask=m_ok, other=0.0)
+            # Transposed scores [BLOCK_N, BLOCK_M]: the key tile stays in registers, queries stream.
+            p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            q_ptrs += BLOCK_M * stride_qm
+            do_ptrs += BLOCK_M * stride_dom
+            l_ptrs += BLOCK_M
+            dl_ptrs += BLOCK_M
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"])
+@triton.jit
+def _routed_attention_dkdv_pool_kernel(
+    DKc, DVc, Q, DO, Lse, Delta, Kc, Vc, Readers, ReaderPtr,
+    stride_dkn, stride_dks, stride_dkh,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_lb, stride_lh,
+    stride_kcn, stride_kcs, stride_kch, stride_kcd,
+    stride_vcn, stride_vcs, stride_vch, stride_vcd,
+    Lq, S, GROUP, softmax_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK/dV of one (key tile, kv head, pool block): the sum over every table entry that reads the block.
+
+    ``Readers[ReaderPtr[n]:ReaderPtr[n + 1]]`` lists the sequence of each table entry holding block n, in
+    (sequence, table position) order: a fixed summation order, so a shared block's gradient is bitwise repeatable,
+    and each output tile has exactly one writer (no atomics). A block read twice by one sequence appears twice.
+    Blocks nobody reads get zeros.
+    """
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    blk = tl.program_id(2).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < S
+    d_ok = offs_d < HEAD_DIM
+    k = _load_tile(Kc + blk * stride_kcn + hk * stride_kch + offs_n[:, None] * stride_kcs + offs_d[None, :] * stride_kcd,
+                   n_ok, d_ok, True, EVEN_D)
+    v = _load_tile(Vc + blk * stride_vcn + hk * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :] * stride_vcd,
+                   n_ok, d_ok, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = tl.load(ReaderPtr + blk)
+    hi = tl.load(ReaderPtr + blk + 1)
+    for e in range(lo, hi):
+        b = tl.load(Readers + e).to(tl.int64)
+        dk, dv = _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
+                                     stride_qb, stride_qm, stride_qh, stride_qd,
+                                     stride_dob, stride_dom, stride_doh, stride_dod,
+                                     stride_lb, stride_lh, Lq, GROUP, qk_scale, offs_m, offs_d, d_ok,
+                                     BLOCK_M, EVEN_D, PRECISION)
+    mask = n_ok[:, None] & d_ok[None, :]
+    out_offs = blk * stride_dkn + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
+    tl.store(DKc + out_offs, (dk * softmax_scale).to(DKc.dtype.element_ty), mask=mask)
+    tl.store(DVc + out_offs, dv.to(DVc.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"])
+@triton.jit
+def _routed_attention_dkdv_new_kernel(
+    DKn, DVn, Q, DO, Lse, Delta, Kn, Vn,
+    stride_dkb, stride_dkm, stride_dkh,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_lb, stride_lh,
+    stride_knb, stride_knm, stride_knh, stride_knd,
+    stride_vnb, stride_vnm, stride_vnh, stride_vnd,
+    Lq, Ln, GROUP, softmax_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk_new/dv_new of one (new-key tile, kv head, sequence): only sequence b reads its own chunk."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Ln
+    d_ok = offs_d < HEAD_DIM
+    k = _load_tile(Kn + b * stride_knb + hk * stride_knh + offs_n[:, None] * stride_knm + offs_d[None, :] * stride_knd,
+                   n_ok, d_ok, True, EVEN_D)
+    v = _load_tile(Vn + b * stride_vnb + hk * stride_vnh + offs_n[:, None] * stride_vnm + offs_d[None, :] * stride_vnd,
+                   n_ok, d_ok, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
+                                 stride_qb, stride_qm, stride_qh, stride_qd,
+                                 stride_dob, stride_dom, stride_doh, stride_dod,
+                                 stride_lb, stride_lh, Lq, GROUP, qk_scale, offs_m, offs_d, d_ok,
+                                 BLOCK_M, EVEN_D, PRECISION)
+    mask = n_ok[:, None] & d_ok[None, :]
+    out_offs = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkm + offs_d[None, :]
+    tl.store(DKn + out_offs, (dk * softmax_scale).to(DKn.dtype.element_ty), mask=mask)
+    tl.store(DVn + out_offs, dv.to(DVn.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32 (10-bit mantissa): the fp32 contract is 1e-4 relative.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _new_strides(k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor]):
+    if k_new is None:
+        return (0, 0, 0, 0), (0, 0, 0, 0)
+    return k_new.stride(), v_new.stride()
+
+
+def routed_attention_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_table: torch.Tensor, block_counts: torch.Tensor,
+                             k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor],
+                             softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. Inputs are validated by the caller. Returns out [B, Lq, Hq, D] (q's dtype, contiguous)
+    and lse [B, Hq, Lq] fp32."""
+    batch, q_len, q_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    new_len = 0 if k_new is None else k_new.shape[1]
+    out = torch.empty((batch, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    kn, vn = (k_new, v_new) if new_len > 0 else (k_cache, v_cache)  # placeholders, never read without HAS_NEW
+    kn_strides, vn_strides = _new_strides(k_new, v_new)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
+    _routed_attention_fwd_kernel[grid](
+        out, lse, q, k_cache, v_cache, kn, vn, block_table, block_counts,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn_strides, *vn_strides,
+        block_table.stride(0), block_table.stride(1),
+        q_len, new_len, block_size, q_heads // kv_heads, softmax_scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), HAS_NEW=new_len > 0,
+        PRECISION=_precision(q.dtype),
+    )
+    return out, lse
+
+
+def block_readers(block_table: torch.Tensor, block_counts: torch.Tensor,
+                  num_blocks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inverse block map in CSR form, built on the device with no host sync.
+
+    Returns ``readers`` int32 [E] and ``reader_ptr`` int32 [N + 1]: the sequences reading block n are
+    ``readers[reader_ptr[n]:reader_ptr[n + 1]]``, in (sequence, table position) order (a stable sort of the
+    row-major table), one entry per table entry, so a block listed twice by one sequence appears twice.
+    """
+    batch, max_blocks = block_table.shape
+    device = block_table.device
+    valid = torch.arange(max_blocks, device=device)[None, :] < block_counts[:, None].long()
+    # Entries past a row's count sort behind every real block id and fall outside every CSR range.
+    ids = torch.where(valid, block_table.long(), num_blocks).flatten()
+    sorted_ids, order = torch.sort(ids, stable=True)
+    readers = torch.div(order, max(max_blocks, 1), rounding_mode="floor").to(torch.int32)
+    reader_ptr = torch.searchsorted(sorted_ids, torch.arange(num_blocks + 1, device=device)).to(torch.int32)
+    return readers, reader_ptr
+
+
+def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                              block_counts: torch.Tensor, k_new: Optional[torch.Tensor],
+                              v_new: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                              softmax_scale: float, need_dq: bool, need_dcache: bool, need_dnew: bool):
+    """Launch the backward kernels that are needed. Returns (dq, dk_cache, dv_cache, dk_new, dv_new), each in
+    its input's shape and dtype (contiguous), or None where not asked for (no work is done for it)."""
+    batch, q_len, q_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    new_len = 0 if k_new is None else k_new.shape[1]
+    group = q_heads // kv_heads
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    precision = _precision(q.dtype)
+    qk_scale = softmax_scale * _LOG2E
+    if q.numel() == 0:  # no queries: every gradient is zero
+        alloc = functools.partial(torch.zeros_like, memory_format=torch.contiguous_format)
+    else:  # every element is written by exactly one kernel program below
+        alloc = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
+    dq = alloc(q) if need_dq else None
+    dk_cache, dv_cache = (alloc(k_cache), alloc(v_cache)) if need_dcache else (None, None)
+    dk_new, dv_new = (alloc(k_new), alloc(v_new)) if need_dnew else (None, None)
+    if q.numel() == 0:
+        return dq, dk_cache, dv_cache, dk_new, dv_new
+
+    delta = torch.empty_like(lse)
+    dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
+    _delta_kernel[(triton.cdiv(q_len, 64), q_heads, batch)](
+        delta, dout, out, dlse if dlse is not None else lse,
+        *dout.stride(), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), *dlse_strides,
+        q_len, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_DLSE=dlse is not None, BLOCK_M=64,
+    )
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=precision)
+    kn, vn = (k_new, v_new) if new_len > 0 else (k_cache, v_cache)
+    kn_strides, vn_strides = _new_strides(k_new, v_new)
+
+    if need_dq:
+        grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
+        _routed_attention_dq_kernel[grid](
+            dq, q, dout, lse, delta, k_cache, v_cache, kn, vn, block_table, block_counts,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            *q.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
+            *k_cache.stride(), *v_cache.stride(), *kn_strides, *vn_strides,
+            block_table.stride(0), block_table.stride(1),
+            q_len, new_len, block_size, group, softmax_scale, qk_scale, HAS_NEW=new_len > 0, **common,
+        )
+    if need_dcache and num_blocks > 0:
+        readers, reader_ptr = block_readers(block_table, block_counts, num_blocks)
+        grid = lambda meta: (triton.cdiv(block_size, meta["BLOCK_N"]), kv_heads, num_blocks)  # noqa: E731
+        _routed_attention_dkdv_pool_kernel[grid](
+            dk_cache, dv_cache, q, dout, lse, delta, k_cache, v_cache, readers, reader_ptr,
+            dk_cache.stride(0), dk_cache.stride(1), dk_cache.stride(2),
+            *q.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
+            *k_cache.stride(), *v_cache.stride(),
+            q_len, block_size, group, softmax_scale, qk_scale, **common,
+        )
+    if need_dnew and new_len > 0:
+        grid = lambda meta: (triton.cdiv(new_len, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
+        _routed_attention_dkdv_new_kernel[grid](
+            dk_new, dv_new, q, dout, lse, delta, k_new, v_new,
+            dk_new.stride(0), dk_new.stride(1), dk_new.stride(2),
+            *q.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
+            *k_new.stride(), *v_new.stride(),
+            q_len, new_len, group, softmax_scale, qk_scale, **common,
+        )
+    return dq, dk_cache, dv_cache, dk_new, dv_new
