@@ -1,0 +1,343 @@
+"""Group KV cache: a paged pool of frame-sized K/V blocks shared by the branches of a KVPO group.
+
+Layout. One pool per transformer layer, stored as two tensors ``k, v [num_layers, N, S, H, D]``: block ``n`` of
+layer ``l`` holds the RoPE'd keys (values) of one latent frame (``S`` tokens, e.g. 1560), so ``k[l]`` is exactly
+the ``k_cache [N, S, Hkv, D]`` argument of :func:`kvpo_kernels.routed_attention`. A block id means the same frame in
+every layer. Each sequence (branch) of a cache maps absolute frame indices to block ids.
+
+Sharing. Blocks carry reference counts (one per sequence that maps them, over every cache built on the same pool).
+:meth:`GroupKVCache.fork` gives a new cache whose sequences map the parent's blocks (no copy of K/V); frames written
+after the fork go to fresh private blocks of the sequence that wrote them. The parent stays valid and unchanged, so
+it doubles as a snapshot: restoring is just keeping it. A block returns to the free list when its count drops to 0.
+
+Windows (the streaming generators' geometry, LongLive numbers in brackets). A block of ``frames_per_block`` [3]
+frames starting at frame ``s`` sees, besides its own frames (passed to the kernel as ``k_new``/``v_new``):
+
+- without a route: the sink frames ``[0, sink_frames)`` [3] and the most recent
+  ``window_frames - sink_frames - frames_per_block`` [12 - 3 - 3 = 6] frames before ``s``;
+- with a route ``R`` (absolute frame indices): the sink, ``R``, and the ``nearest_frames - frames_per_block``
+  [4 - 3 = 1] frames right before ``s``.
+
+The cache keeps the sink plus the most recent ``cache_frames - sink_frames - frames_per_block`` [21 - 3 - 3 = 15]
+history frames resident (``cache_frames`` counts the block being written, as the streaming generators' KV caches
+do), and evicts a frame as soon as it leaves every sequence's reach (:meth:`GroupKVCache.evict`). Routes are drawn
+from :meth:`GroupKVCache.route_pool` [frames 6..19, 14 frames, for a fork at frame >= 21].
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class _BlockPool:
+    """Storage shared by a cache and all its forks: ``k, v [num_layers, N, S, H, D]``, refcounts, free list."""
+
+    def __init__(self, num_layers: int, frame_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, reserve_blocks: int):
+        self.shape = (num_layers, 0, frame_tokens, num_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.k = torch.empty(self.shape, dtype=dtype, device=device)
+        self.v = torch.empty(self.shape, dtype=dtype, device=device)
+        self.refcount: list[int] = []
+        self.free: list[int] = []
+        if reserve_blocks:
+            self.grow(reserve_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.refcount)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block in all layers, keys and values."""
+        num_layers, _, tokens, heads, dim = self.shape
+        return 2 * num_layers * tokens * heads * dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def grow(self, extra: int) -> None:
+        # Growing copies the pool once (amortised by doubling); it never happens inside a forward, because blocks
+        # are allocated before the forward that writes them and tables are built after.
+        old = self.num_blocks
+        new_k = torch.empty((self.shape[0], old + extra) + self.shape[2:], dtype=self.dtype, device=self.device)
+        new_v = torch.empty_like(new_k)
+        if old and self.device.type != "meta":
+            new_k[:, :old].copy_(self.k)
+            new_v[:, :old].copy_(self.v)
+        self.k, self.v = new_k, new_v
+        self.refcount.extend([0] * extra)
+        # Lowest ids first: pop() takes from the end.
+        self.free.extend(range(old + extra - 1, old - 1, -1))
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self.free):
+            self.grow(max(count - len(self.free), self.num_blocks))
+        ids = [self.free.pop() for _ in range(count)]
+        for block in ids:
+            self.refcount[block] = 1
+        return ids
+
+    def incref(self, block: int) -> None:
+        self.refcount[block] += 1
+
+    def decref(self, block: int) -> None:
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            self.free.append(block)
+
+
+class GroupKVCache:
+    """Paged K/V history of ``batch_size`` sequences (a group's branches), shared block-wise after a fork.
+
+    Args:
+        num_layers: transformer layers (one pool each).
+        frame_tokens: ``S``, tokens per latent frame (one block), e.g. 1560.
+        num_heads, head_dim: ``Hkv`` and ``D`` of the stored keys/values.
+        batch_size: number of sequences.
+        frames_per_block, sink_frames, window_frames, nearest_frames, cache_frames: the window geometry (module
+            docstring); ``cache_frames >= window_frames``, ``window_frames >= sink_frames + frames_per_block``,
+            ``nearest_frames >= frames_per_block``.
+        dtype, device: of the stored K/V (the transformer's).
+        reserve_blocks: blocks to allocate up front (the pool grows by doubling when full).
+    """
+
+    def __init__(self, num_layers: int, frame_tokens: int, num_heads: int, head_dim: int, *, batch_size: int = 1,
+                 frames_per_block: int = 3, sink_frames: int = 3, window_frames: int = 12, nearest_frames: int = 4,
+                 cache_frames: int = 21, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", reserve_blocks: int = 0):
+        for name, value, minimum in (("num_layers", num_layers, 1), ("frame_tokens", frame_tokens, 1),
+                                     ("num_heads", num_heads, 1), ("head_dim", head_dim, 1),
+                                     ("batch_size", batch_size, 1), ("frames_per_block", frames_per_block, 1),
+                                     ("sink_frames", sink_frames, 0), ("window_frames", window_frames, 1),
+                                     ("nearest_frames", nearest_frames, 1), ("cache_frames", cache_frames, 1),
+                                     ("reserve_blocks", reserve_blocks, 0)):
+            _check_int(name, value, minimum)
+        if window_frames < sink_frames + frames_per_block:
+            raise ValueError(f"window_frames ({window_frames}) must cover sink_frames ({sink_frames}) + "
+                             f"frames_per_block ({frames_per_block})")
+        if nearest_frames < frames_per_block:
+            raise ValueError(f"nearest_frames ({nearest_frames}) counts the current block, so it must be >= "
+                             f"frames_per_block ({frames_per_block})")
+        if cache_frames < window_frames:
+            raise ValueError(f"cache_frames ({cache_frames}) must be >= window_frames ({window_frames}): the cache "
+                             f"must hold every frame of a window")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.frames_per_block, self.sink_frames = int(frames_per_block), int(sink_frames)
+        self.window_frames, self.nearest_frames = int(window_frames), int(nearest_frames)
+        self.cache_frames = int(cache_frames)
+        self._pool = _BlockPool(num_layers, frame_tokens, num_heads, head_dim, dtype, torch.device(device),
+                                reserve_blocks)
+        self._maps: list[dict[int, int]] = [{} for _ in range(batch_size)]
+        self.num_frames = 0  # frames written so far = the first frame of the next block
+
+    # ----------------------------------------------------------------------------------------------- structure
+    def _spawn(self, maps: list[dict[int, int]]) -> "GroupKVCache":
+        child = object.__new__(GroupKVCache)
+        child.__dict__.update({key: value for key, value in self.__dict__.items() if key != "_maps"})
+        child._maps = [dict(m) for m in maps]
+        for frame_map in child._maps:
+            for block in frame_map.values():
+                self._pool.incref(block)
+        return child
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._maps)
+
+    @property
+    def num_layers(self) -> int:
+        return self._pool.shape[0]
+
+    @property
+    def frame_tokens(self) -> int:
+        return self._pool.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._pool.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._pool.device
+
+    def fork(self, num_branches: int) -> "GroupKVCache":
+        """A new cache whose sequences share this cache's blocks, without copying K/V.
+
+        With ``batch_size == 1`` the new cache has ``num_branches`` sequences, each mapping sequence 0's history.
+        In general it has ``batch_size * num_branches`` sequences, sequence ``j`` mapping sequence
+        ``j // num_branches`` (``repeat_interleave`` order: the branches of one prompt are adjacent). This cache
+        stays valid and unchanged (a snapshot); frames either writes later are private to the writer.
+        """
+        _check_int("num_branches", num_branches, 1)
+        return self._spawn([self._maps[j // num_branches] for j in range(self.batch_size * num_branches)])
+
+    def select(self, indices: Sequence[int]) -> "GroupKVCache":
+        """A new cache holding sequences ``indices`` of this one (any order, repeats allowed), sharing their blocks."""
+        indices = list(indices)
+        if not indices:
+            raise ValueError("indices must name at least one sequence")
+        for index in indices:
+            _check_int("indices", index, 0)
+            if index >= self.batch_size:
+                raise ValueError(f"indices: sequence {index} out of range for batch_size {self.batch_size}")
+        return self._spawn([self._maps[i] for i in indices])
+
+    def release(self) -> None:
+        """Drop this cache's references (its private blocks return to the pool); the cache becomes empty."""
+        for frame_map in self._maps:
+            for block in frame_map.values():
+                self._pool.decref(block)
+            frame_map.clear()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: the pool may already be gone
+            pass
+
+    def frames(self, sequence: int = 0) -> list[int]:
+        """Sorted resident frames of one sequence."""
+        return sorted(self._maps[sequence])
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_cache, v_cache)``, each ``[N, S, Hkv, D]``: layer ``index``'s pool, as routed_attention reads it."""
+        return self._pool.k[index], self._pool.v[index]
+
+    # -------------------------------------------------------------------------------------------------- windows
+    def _local_first(self, start: int, routed: bool) -> int:
+        reach = self.nearest_frames if routed else self.window_frames - self.sink_frames
+        return max(self.sink_frames, start - (reach - self.frames_per_block))
+
+    def route_pool(self, start_frame: Optional[int] = None, perturbed_blocks: int = 1) -> list[int]:
+        """Frames a route may use for the ``perturbed_blocks`` blocks starting at ``start_frame`` (default: the next).
+
+        The frames older than the first block's nearest frames that stay resident while the last perturbed block
+        is generated: ``[max(sink, s + (P - 1) f - (cache_frames - sink - f)), s - (nearest - f))``.
+        LongLive (sink 3, nearest 4, f 3, cache 21), fork at frame 21, P = 1: frames 6..19 (14 frames).
+        """
+        start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
+        _check_int("perturbed_blocks", perturbed_blocks, 1)
+        f = self.frames_per_block
+        last_start = start + (perturbed_blocks - 1) * f
+        first = max(self.sink_frames, last_start - (self.cache_frames - self.sink_frames - f))
+        return list(range(first, self._local_first(start, routed=True)))
+
+    def visible_frames(self, start_frame: int, route: Optional[Sequence[int]] = None) -> list[int]:
+        """History frames (sorted) that the block starting at ``start_frame`` reads, with or without a route."""
+        start = _check_int("start_frame", start_frame, 0)
+        sink = set(range(min(self.sink_frames, start)))
+        if route is None:
+            return sorted(sink | set(range(self._local_first(start, routed=False), start)))
+        first_nearest = self._local_first(start, routed=True)
+        route = list(route)
+        for frame in route:
+            if isinstance(frame, bool) or not isinstance(frame, numbers.Integral):
+                raise TypeError(f"routes: frame {frame!r} is not an int")
+            if not self.sink_frames <= frame < first_nearest:
+                raise ValueError(f"routes: frame {frame} is not an older frame for the block at frame {start}: "
+                                 f"routed frames lie in [{self.sink_frames}, {first_nearest}) (after the sink, "
+                                 f"before the nearest frames)")
+        if len(set(route)) != len(route):
+            raise ValueError(f"routes: a route repeats a frame: {route}")
+        return sorted(sink | set(int(f) for f in route) | set(range(first_nearest, start)))
+
+    def block_table(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
+                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched block table for all sequences, ready for :func:`kvpo_kernels.routed_attention`.
+
+        ``routes``: None (every sequence sees its default window) or one entry per sequence: a list of absolute
+        older frames (a routed branch) or None (an unperturbed sequence, e.g. the anchor). Returns
+        ``block_table int32 [B, M]`` (row b: the block ids of sequence b's visible history frames in frame order,
+        padded with block 0) and ``block_counts int32 [B]``, on ``device`` (default: the cache's).
+        Raises ``ValueError`` if a visible frame is not resident in that sequence (evicted or never written).
+        """
+        start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
+        if routes is not None:
+            routes = list(routes)
+            if len(routes) != self.batch_size:
+                raise ValueError(f"routes must have one entry per sequence ({self.batch_size}), got {len(routes)}")
+        rows = []
+        for b, frame_map in enumerate(self._maps):
+            frames = self.visible_frames(start, None if routes is None else routes[b])
+            missing = [f for f in frames if f not in frame_map]
+            if missing:
+                raise ValueError(f"frames {missing} of sequence {b} are not in the cache (evicted or not written "
+                                 f"yet; resident: {sorted(frame_map)}); block at frame {start}")
+            rows.append([frame_map[f] for f in frames])
+        width = max(1, max(len(row) for row in rows))
+        table = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32)
+        counts = torch.tensor([len(row) for row in rows], dtype=torch.int32)
+        target = self.device if device is None else torch.device(device)
+        if target.type == "meta":
+            target = torch.device("cpu")
+        return table.to(target), counts.to(target)
+
+    # ------------------------------------------------------------------------------------------ writing, eviction
+    def append_frames(self, num_frames: Optional[int] = None) -> torch.Tensor:
+        """Allocate private blocks for the next ``num_frames`` (default frames_per_block) frames of every sequence.
+
+        Returns the block ids ``int64 [B, num_frames]`` (on the cache's device) that :meth:`write` fills, layer by
+        layer. Advances :attr:`num_frames`. Call :meth:`evict` after the forward that reads the old window.
+        """
+        count = self.frames_per_block if num_frames is None else _check_int("num_frames", num_frames, 1)
+        ids = [self._pool.allocate(count) for _ in self._maps]
+        for frame_map, row in zip(self._maps, ids):
+            for offset, block in enumerate(row):
+                frame_map[self.num_frames + offset] = block
+        self.num_frames += count
+        device = self.device if self.device.type != "meta" else torch.device("cpu")
+        return torch.tensor(ids, dtype=torch.int64, device=device)
+
+    def write(self, layer: int, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k, v [B, f * S, Hkv, D]`` (RoPE'd) of layer ``layer`` into blocks ``block_ids [B, f]``."""
+        batch, frames = block_ids.shape
+        expected = (batch, frames * self.frame_tokens) + tuple(self._pool.shape[3:])
+        for name, tensor in (("k", k), ("v", v)):
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+        if self.device.type == "meta":
+            return
+        flat = block_ids.reshape(-1).to(self.device)
+        shape = (batch * frames,) + tuple(self._pool.shape[2:])
+        self._pool.k[layer].index_copy_(0, flat, k.detach().reshape(shape).to(self.dtype))
+        self._pool.v[layer].index_copy_(0, flat, v.detach().reshape(shape).to(self.dtype))
+
+    def evict(self) -> list[int]:
+        """Drop frames no future block can read (older than the resident window, not sink); returns them."""
+        first_kept = self.num_frames - (self.cache_frames - self.sink_frames - self.frames_per_block)
+        dropped = set()
+        for frame_map in self._maps:
+            for frame in [f for f in frame_map if self.sink_frames <= f < first_kept]:
+                self._pool.decref(frame_map.pop(frame))
+                dropped.add(frame)
+        return sorted(dropped)
+
+    # ------------------------------------------------------------------------------------------------ accounting
+    def memory_bytes(self) -> dict:
+        """K/V bytes (all layers, keys and values) that this cache's sequences hold.
+
+        ``shared``: blocks also mapped by another sequence (of this cache or of a cache forked from the same pool);
+        ``private``: blocks mapped by exactly one sequence; ``total = shared + private`` (each block counted once);
+        ``per_layer``: ``total / num_layers``; ``per_sequence_private``: private bytes of each sequence;
+        ``pool``: bytes allocated by the pool (incl. free blocks and blocks of other caches); ``block``: one frame.
+        """
+        block_bytes = self._pool.block_bytes
+        blocks = set()
+        per_sequence = []
+        for frame_map in self._maps:
+            blocks.update(frame_map.values())
+            per_sequence.append(sum(block_bytes for b in frame_map.values() if self._pool.refcount[b] == 1))
+        shared = sum(block_bytes for b in blocks if self._pool.refcount[b] > 1)
+        private = sum(per_sequence)
+        return {"shared": shared, "private": private, "total": shared + private,
+                "per_layer": (shared + private) // self.num_layers, "per_sequence_private": per_sequence,
+                "pool": self._pool.num_blocks * block_bytes, "block": block_bytes}
