@@ -1,10 +1,275 @@
-"""SKELETON (to be replaced by the velocity_energy work): dispatches to the reference only."""
+"""``velocity_energy``: validation, backend dispatch, the native launchers, autograd and the torch.library op.
+
+    E = velocity_energy(pred, target, weight=None, *, reduction="mean", backend="auto")
+    E[b, t] = weight[b, t] * reduce_j (pred[b, t, j] - target[b, t, j])^2,   reduce = mean | sum
+
+Layers: kernels (``kvpo_kernels/triton/velocity_energy.py``, ``csrc/cpu``, ``csrc/cuda``) -> launchers (the Triton
+ones in the triton module, the native ones here) -> the custom ops ``kvpo::velocity_energy`` and
+``kvpo::velocity_energy_backward`` (fake implementations for torch.compile, autograd registered on the forward)
+-> this functional API. The ``torch`` backend is ``reference.velocity_energy`` itself, differentiated by autograd.
+
+Strides: the kernels read row (b, t) at ``b * stride(0) + t * stride(1)`` and need its trailing dims contiguous;
+when they are not (e.g. a transposed or sliced trailing dim) the input is copied once with ``.contiguous()``.
+Gradients come back contiguous.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
 from .. import reference
-from .._backends import register_op
+from .._backends import (check_backend_name, machine_unavailable, native_extension, register_op, select_backend,
+                         tensor_device_unavailable)
+
+_OP = "velocity_energy"
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_SUPPORTED_DTYPES = {
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    "triton": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    "torch": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+}
+# CUDA forward: each block streams a chunk that is a multiple of 256 threads x one 16-byte vector x 4 loads in
+# flight; about 8 blocks per SM in total. Backward: fixed 8192-element chunks (one 16-byte vector per thread, x4).
+_CUDA_THREADS, _CUDA_UNROLL, _CUDA_BLOCKS_PER_SM, _CUDA_BACKWARD_CHUNK = 256, 4, 8, 8192
 
 
-def velocity_energy(pred, target, weight=None, *, reduction="mean", backend="auto"):
-    return reference.velocity_energy(pred, target, weight, reduction)
+def _energy_dtype(dtype: torch.dtype) -> torch.dtype:
+    """E (and the weight the kernels read) is fp32, or fp64 for fp64 inputs (the gradcheck path)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-register_op("velocity_energy", lambda backend: None if backend == "torch" else "not implemented yet")
+# ---------------------------------------------------------------------------------------------- validation
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    return x
+
+
+def _validate(pred, target, weight, reduction) -> None:
+    _check_tensor("pred", pred)
+    _check_tensor("target", target)
+    if pred.dim() < 2:
+        raise ValueError(f"pred must have shape [B, T, *] (rank >= 2), got shape {tuple(pred.shape)}")
+    if target.shape != pred.shape:
+        raise ValueError(f"target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+    if target.dtype != pred.dtype:
+        raise TypeError(f"target must have pred's dtype {pred.dtype}, got {target.dtype}")
+    if target.device != pred.device:
+        raise ValueError(f"target must be on pred's device {pred.device}, got {target.device}")
+    batch, steps = pred.shape[0], pred.shape[1]
+    if batch * steps > 0 and pred.numel() == 0:
+        raise ValueError(f"pred must have at least one element per (b, t) row, got shape {tuple(pred.shape)}")
+    if weight is not None:
+        _check_tensor("weight", weight)
+        if weight.device != pred.device:
+            raise ValueError(f"weight must be on pred's device {pred.device}, got {weight.device}")
+        if tuple(weight.shape) not in ((steps,), (batch, steps)):
+            raise ValueError(f"weight must have shape [T] = ({steps},) or [B, T] = ({batch}, {steps}), "
+                             f"got {tuple(weight.shape)}")
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _why_not(backend: str, pred: torch.Tensor, auto: bool) -> Optional[str]:
+    """Why ``backend`` cannot serve ``pred`` (None if it can)."""
+    why = tensor_device_unavailable(backend, pred.device)
+    if why is not None:
+        return why
+    if pred.dtype not in _SUPPORTED_DTYPES[backend]:
+        return f"{backend} supports {', '.join(str(d) for d in _SUPPORTED_DTYPES[backend])}, not {pred.dtype}"
+    if backend == "triton" and pred.device.type == "cpu" and auto:
+        return "auto never picks Triton's interpreter for CPU tensors (a test path; ask for backend='triton')"
+    return None
+
+
+def _capability(backend: str) -> Optional[str]:
+    return machine_unavailable(backend)
+
+
+register_op(_OP, _capability)
+
+
+# ---------------------------------------------------------------------------------------------- native launchers
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if each (b, t) row is contiguous (trailing dims in row-major order), else one contiguous copy."""
+    expected = 1
+    for size, stride in zip(reversed(x.shape[2:]), reversed(x.stride()[2:])):
+        if size != 1 and stride != expected:
+            return x.contiguous()
+        expected *= size
+    return x
+
+
+def _native_args(pred, target, weight) -> tuple:
+    batch, steps = pred.shape[0], pred.shape[1]
+    n = pred.numel() // (batch * steps)
+    if weight is None:
+        w_ptr, w_sb, w_st = 0, 0, 0
+    elif weight.dim() == 1:
+        w_ptr, w_sb, w_st = weight.data_ptr(), 0, weight.stride(0)
+    else:
+        w_ptr, w_sb, w_st = weight.data_ptr(), weight.stride(0), weight.stride(1)
+    strides = (pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), w_sb, w_st)
+    return pred.data_ptr(), target.data_ptr(), w_ptr, batch, steps, n, strides
+
+
+def _cuda_forward_partition(pred: torch.Tensor, n: int, rows: int) -> Tuple[int, int]:
+    """(splits, chunk): enough blocks to fill the GPU, each chunk a whole number of 16-byte vector sweeps."""
+    unit = _CUDA_THREADS * (16 // pred.element_size()) * _CUDA_UNROLL
+    sms = torch.cuda.get_device_properties(pred.device).multi_processor_count
+    units = -(-n // unit)
+    splits = max(1, min(units, -(-_CUDA_BLOCKS_PER_SM * sms // rows)))
+    chunk = -(-units // splits) * unit
+    return -(-n // chunk), chunk
+
+
+def _native_forward(pred, target, weight, mean: bool, backend: str) -> torch.Tensor:
+    module, _ = native_extension()
+    energy = torch.empty(pred.shape[:2], dtype=_energy_dtype(pred.dtype), device=pred.device)
+    if energy.numel() == 0:
+        return energy
+    p_ptr, t_ptr, w_ptr, batch, steps, n, strides = _native_args(pred, target, weight)
+    code = _DTYPE_CODES[pred.dtype]
+    if backend == "cpu":
+        module.velocity_energy_forward_cpu(energy.data_ptr(), p_ptr, t_ptr, w_ptr, batch, steps, n, strides, code,
+                                           mean, torch.get_num_threads())
+        return energy
+    splits, chunk = _cuda_forward_partition(pred, n, batch * steps)
+    partials = torch.empty(batch * steps * splits if splits > 1 else 0, dtype=torch.float32, device=pred.device)
+    module.velocity_energy_forward_cuda(energy.data_ptr(), partials.data_ptr() if splits > 1 else 0, splits, chunk,
+                                        p_ptr, t_ptr, w_ptr, batch, steps, n, strides, code, mean,
+                                        torch.cuda.current_stream(pred.device).cuda_stream)
+    return energy
+
+
+def _native_backward(grad, pred, target, weight, mean: bool, backend: str, need_pred: bool, need_target: bool):
+    module, _ = native_extension()
+    grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_pred else None
+    grad_target = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_target else None
+    if pred.numel() == 0 or not (need_pred or need_target):
+        return grad_pred, grad_target
+    p_ptr, t_ptr, w_ptr, batch, steps, n, strides = _native_args(pred, target, weight)
+    gp_ptr = grad_pred.data_ptr() if need_pred else 0
+    gt_ptr = grad_target.data_ptr() if need_target else 0
+    code = _DTYPE_CODES[pred.dtype]
+    if backend == "cpu":
+        module.velocity_energy_backward_cpu(gp_ptr, gt_ptr, grad.data_ptr(), grad.stride(0), grad.stride(1), p_ptr,
+                                            t_ptr, w_ptr, batch, steps, n, strides, code, mean,
+                                            torch.get_num_threads())
+    else:
+        module.velocity_energy_backward_cuda(gp_ptr, gt_ptr, grad.data_ptr(), grad.stride(0), grad.stride(1),
+                                             _CUDA_BACKWARD_CHUNK, p_ptr, t_ptr, w_ptr, batch, steps, n, strides,
+                                             code, mean, torch.cuda.current_stream(pred.device).cuda_stream)
+    return grad_pred, grad_target
+
+
+def _forward(pred, target, weight, mean: bool, backend: str) -> torch.Tensor:
+    pred, target = _rows(pred), _rows(target)
+    if backend == "triton":
+        from ..triton.velocity_energy import velocity_energy_forward
+        return velocity_energy_forward(pred, target, weight, mean)
+    return _native_forward(pred, target, weight, mean, backend)
+
+
+def _backward(grad, pred, target, weight, mean: bool, backend: str, need_pred: bool, need_target: bool):
+    pred, target = _rows(pred), _rows(target)
+    grad = grad.to(_energy_dtype(pred.dtype))
+    if backend == "triton":
+        from ..triton.velocity_energy import velocity_energy_backward
+        return velocity_energy_backward(grad, pred, target, weight, mean, need_pred, need_target)
+    return _native_backward(grad, pred, target, weight, mean, backend, need_pred, need_target)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("kvpo::velocity_energy", mutates_args=())
+def _velocity_energy_op(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], mean: bool,
+                        backend: str) -> torch.Tensor:
+    """E ``[B, T]`` with an already chosen kernel backend (``cuda``, ``triton`` or ``cpu``); weight in E's dtype."""
+    return _forward(pred, target, weight, mean, backend)
+
+
+@_velocity_energy_op.register_fake
+def _velocity_energy_fake(pred, target, weight, mean, backend):
+    return pred.new_empty(pred.shape[:2], dtype=_energy_dtype(pred.dtype))
+
+
+@torch.library.custom_op("kvpo::velocity_energy_backward", mutates_args=())
+def _velocity_energy_backward_op(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                                 weight: Optional[torch.Tensor], mean: bool, backend: str, need_pred: bool,
+                                 need_target: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dpred, dtarget), contiguous, pred's dtype; an output not asked for is an empty ``[0]`` tensor."""
+    grad_pred, grad_target = _backward(grad, pred, target, weight, mean, backend, need_pred, need_target)
+    empty = pred.new_empty((0,))
+    return (grad_pred if grad_pred is not None else empty, grad_target if grad_target is not None else empty)
+
+
+@_velocity_energy_backward_op.register_fake
+def _velocity_energy_backward_fake(grad, pred, target, weight, mean, backend, need_pred, need_target):
+    def out(needed: bool) -> torch.Tensor:
+        return pred.new_empty(pred.shape if needed else (0,))
+    return out(need_pred), out(need_target)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    pred, target, weight, mean, backend = inputs
+    ctx.save_for_backward(pred, target, weight)
+    ctx.mean, ctx.backend = mean, backend
+
+
+def _autograd_backward(ctx, grad):
+    pred, target, weight = ctx.saved_tensors
+    need_pred, need_target, need_weight = ctx.needs_input_grad[:3]
+    grad_pred = grad_target = grad_weight = None
+    if need_pred or need_target:
+        grad_pred, grad_target = _velocity_energy_backward_op(grad, pred, target, weight, ctx.mean, ctx.backend,
+                                                              need_pred, need_target)
+        grad_pred = grad_pred if need_pred else None
+        grad_target = grad_target if need_target else None
+    if need_weight:
+        # dE/dw = the unweighted energy: one more read of the inputs, only when a weight asks for its gradient.
+        grad_weight = grad * _velocity_energy_op(pred, target, None, ctx.mean, ctx.backend)
+        if weight.dim() == 1:
+            grad_weight = grad_weight.sum(0)
+    return grad_pred, grad_target, grad_weight, None, None
+
+
+_velocity_energy_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+def velocity_energy(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
+                    reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """Trajectory velocity energy ``E[b, t] = weight[b, t] * reduce_j (pred[b, t, j] - target[b, t, j])^2``.
+
+    Args:
+        pred, target: ``[B, T, *]``, same shape, dtype (float32, bfloat16, float16; float64 for gradcheck) and
+            device, any strides; the trailing dims are flattened into j (n = prod of trailing dims, 1 for rank 2).
+        weight: None, ``[T]`` (shared by every b) or ``[B, T]``, any floating dtype (read as E's dtype).
+        reduction: ``"mean"`` (divide by n) or ``"sum"`` over j.
+        backend: ``"auto"`` (cuda -> triton -> cpu -> torch, by what the inputs allow; ``KVPO_BACKEND`` overrides),
+            or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"``; an explicit backend that cannot serve the
+            inputs raises ``ValueError`` saying why.
+
+    Returns:
+        E ``[B, T]`` float32 (float64 for float64 inputs). Accumulation is fp32 (fp64); the reduction has no
+        atomics, so the same inputs give bitwise the same E. Differentiable w.r.t. pred, target and weight:
+        ``dpred = grad_E * weight * 2 (pred - target) / (n or 1)``, ``dtarget = -dpred``, in the inputs' dtype.
+    """
+    _validate(pred, target, weight, reduction)
+    # Only a real "auto" choice skips Triton's interpreter; KVPO_BACKEND=triton is an explicit request.
+    auto = check_backend_name(backend) == "auto" and not os.environ.get("KVPO_BACKEND", "").strip()
+    chosen = select_backend(_OP, backend, lambda name: _why_not(name, pred, auto))
+    if chosen == "torch":
+        return reference.velocity_energy(pred, target, weight, reduction)
+    if weight is not None:
+        weight = weight.to(_energy_dtype(pred.dtype))
+    return _velocity_energy_op(pred, target, weight, reduction == "mean", chosen)
