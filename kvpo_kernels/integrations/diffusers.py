@@ -165,8 +165,10 @@ class RoutedWanAttnProcessor:
         if context.write_ids is not None:
             context.cache.write(self.layer_index, context.write_ids, key, value)
         k_cache, v_cache = context.cache.layer(self.layer_index)
+        # The cache builds the tables from resident blocks only, so the per-call host check of block ids (a
+        # device sync in each of the model's layers) is skipped.
         out = routed_attention(query, k_cache, v_cache, context.block_table, context.block_counts,
-                               key, value, backend=self.state.backend)
+                               key, value, backend=self.state.backend, check_block_ids=False)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
