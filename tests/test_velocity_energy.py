@@ -1,0 +1,386 @@
+"""velocity_energy against the float64 reference: forward, dpred, dtarget (and dweight), every backend that runs here.
+
+CPU (CI): ``torch``, ``cpu`` (C++), ``triton`` under ``TRITON_INTERPRET=1``. GPU (``-m gpu``): ``triton`` and ``cuda``,
+bf16 included; the small ones are also marked ``sanitizer`` for the compute-sanitizer pass of gpu_check.sh.
+Every kernel output is allocated NaN-filled (``poisoned``), so an element a kernel forgets to write fails the test.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvpo_kernels
+from kvpo_kernels import reference
+from kvpo_kernels._backends import machine_unavailable, triton_interpreting
+from kvpo_kernels.ops.velocity_energy import _velocity_energy_backward_op, _velocity_energy_op
+
+from _assertions import assert_close_to_truth
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _cpu_backend_params():
+    """Backends that run CPU tensors here, each with the dtypes tested on it."""
+    params = [pytest.param("torch", id="torch")]
+    if machine_unavailable("cpu") is None:
+        params.append(pytest.param("cpu", id="cpu"))
+    if machine_unavailable("triton") is None and triton_interpreting():
+        params.append(pytest.param("triton", id="triton"))
+    return params
+
+
+CPU_BACKENDS = _cpu_backend_params()
+DTYPES = {"torch": (torch.float32, torch.float16, torch.bfloat16),
+          "cpu": (torch.float32, torch.float16, torch.bfloat16),
+          "triton": (torch.float32, torch.float16),  # bf16 is tested on the GPU
+          "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """A context in which every ``torch.empty`` the launchers call returns NaN-filled memory."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(math.nan) if out.is_floating_point() else out
+
+    class Poison:
+        def __enter__(self):
+            monkeypatch.setattr(torch, "empty", nan_empty)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(torch, "empty", real_empty)
+
+    return Poison()
+
+
+def _randn(shape, dtype, device="cpu"):
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def _weight(kind, batch, steps, device="cpu"):
+    """Random positive weights shaped [T] or [B, T], or None."""
+    if kind is None:
+        return None
+    shape = (steps,) if kind == "T" else (batch, steps)
+    return torch.rand(shape, device=device) + 0.5
+
+
+def _energy_and_grads(fn, pred, target, weight, grad):
+    """E and the gradients of <E, grad> w.r.t. pred, target (and weight), through ``fn``."""
+    inputs = [t for t in (pred, target, weight) if t is not None]
+    energy = fn(*inputs)
+    grads = torch.autograd.grad(energy, inputs, grad.to(energy.dtype))
+    return [energy.detach(), *grads]
+
+
+def check_against_reference(backend, pred, target, weight=None, reduction="mean", poison=None):
+    """Compare E, dpred, dtarget, dweight of ``backend`` with the float64 reference (flash-attention's rule for
+    low precision: at most 2x the error of the same-dtype reference + 1e-5; fp32 within 1e-4 relative).
+
+    pred/target may be views (any strides); they and weight are made to require grad here.
+    """
+    batch, steps = pred.shape[:2]
+    grad = torch.randn(batch, steps, device=pred.device)
+
+    def as_input(x):  # a leaf with the caller's strides and storage offset (detach keeps the view's layout)
+        return None if x is None else x.detach().requires_grad_()
+
+    p64 = pred.detach().double().requires_grad_()
+    t64 = target.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_() if weight is not None else None
+    truth = _energy_and_grads(lambda p, t, *w: reference.velocity_energy(p, t, w[0] if w else None, reduction),
+                              p64, t64, w64, grad)
+    baseline = None
+    if pred.dtype in LOW_PRECISION:
+        pb = pred.detach().clone().requires_grad_()
+        tb = target.detach().clone().requires_grad_()
+        wb = weight.detach().clone().requires_grad_() if weight is not None else None
+        baseline = _energy_and_grads(lambda p, t, *w: reference.velocity_energy(p, t, w[0] if w else None, reduction),
+                                     pb, tb, wb, grad)
+
+    pa, ta, wa = as_input(pred), as_input(target), as_input(weight)
+
+    def run(p, t, *w):
+        return kvpo_kernels.velocity_energy(p, t, w[0] if w else None, reduction=reduction, backend=backend)
+
+    if poison is not None:
+        with poison:
+            actual = _energy_and_grads(run, pa, ta, wa, grad)
+    else:
+        actual = _energy_and_grads(run, pa, ta, wa, grad)
+
+    assert actual[0].shape == (batch, steps)
+    assert actual[0].dtype == (torch.float64 if pred.dtype == torch.float64 else torch.float32)
+    names = ["E", "dpred", "dtarget", "dweight"]
+    for i, (name, got, want) in enumerate(zip(names, actual, truth)):
+        if name in ("dpred", "dtarget"):
+            assert got.dtype == pred.dtype and got.shape == pred.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
+        base = baseline[i] if baseline is not None and name in ("dpred", "dtarget") else None
+        assert_close_to_truth(f"{backend} {pred.dtype} {tuple(pred.shape)} weight={None if weight is None else tuple(weight.shape)} "
+                              f"{reduction}: {name}", got, want, base)
+    return actual
+
+
+# Odd sizes: one element per row, a prime-ish 1559, a 4-D trailing shape, a full 299,520-element chunk, rank 2.
+CASES = [
+    pytest.param((2, 3, 1), None, "mean", id="n1"),
+    pytest.param((2, 3, 1559), "T", "sum", id="n1559-wT-sum"),
+    pytest.param((2, 3, 37, 41), "BT", "mean", id="n37x41-wBT"),
+    pytest.param((3, 5), "T", "mean", id="rank2-wT"),
+    pytest.param((2, 2, 299_520), "BT", "sum", id="n299520-wBT-sum"),
+]
+
+
+@pytest.mark.parametrize("shape,weight_kind,reduction", CASES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference(backend, dtype, shape, weight_kind, reduction, poisoned):
+    if dtype not in DTYPES[backend]:
+        pytest.skip(f"{backend} is not tested in {dtype} on CPU")
+    if backend == "triton" and shape[-1] == 299_520 and dtype != torch.float32:
+        pytest.skip("the interpreter is slow: the 299,520 case runs once (fp32)")
+    pred, target = _randn(shape, dtype), _randn(shape, dtype)
+    check_against_reference(backend, pred, target, _weight(weight_kind, *shape[:2]), reduction, poisoned)
+
+
+@pytest.mark.parametrize("weight_kind", [None, "T", "BT"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weights_and_reductions(backend, weight_kind, reduction, poisoned):
+    shape = (3, 4, 129)
+    pred, target = _randn(shape, torch.float32), _randn(shape, torch.float32)
+    check_against_reference(backend, pred, target, _weight(weight_kind, 3, 4), reduction, poisoned)
+
+
+def _non_contiguous_layouts(dtype, device="cpu"):
+    """(name, pred, target): views with strided B/T, non-contiguous trailing dims, odd storage offsets."""
+    B, T = 3, 4
+    yield "transposed-trailing", _randn((B, T, 23, 17), dtype, device).transpose(2, 3), \
+        _randn((B, T, 17, 23), dtype, device)
+    yield "sliced-T", _randn((B, 2 * T, 391), dtype, device)[:, ::2], _randn((B, T, 391), dtype, device)
+    yield "permuted-BT", _randn((T, B, 391), dtype, device).transpose(0, 1), \
+        _randn((B, T + 1, 391), dtype, device)[:, 1:]
+    yield "offset-1", _randn((B * T * 391 + 1,), dtype, device)[1:].view(B, T, 391), \
+        _randn((B * T * 391 + 3,), dtype, device)[3:].view(B, T, 391)
+    yield "sliced-trailing", _randn((B, T, 40, 33), dtype, device)[..., 1:32], _randn((B, T, 40, 31), dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous(backend, dtype, poisoned):
+    for name, pred, target in _non_contiguous_layouts(dtype):
+        assert not pred.is_contiguous() or name == "offset-1"
+        weight = torch.rand(4) + 0.5
+        check_against_reference(backend, pred, target, weight.expand(3, 4), "mean", poisoned)
+
+
+def test_non_contiguous_rows_are_not_copied():
+    """Strided B/T with contiguous trailing dims is read in place; only non-contiguous trailing dims are copied."""
+    from kvpo_kernels.ops.velocity_energy import _rows
+    sliced = torch.randn(3, 8, 100)[:, ::2]
+    assert _rows(sliced).data_ptr() == sliced.data_ptr()
+    transposed = torch.randn(3, 4, 10, 12).transpose(2, 3)
+    assert _rows(transposed).is_contiguous()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_float64(backend):
+    """gradcheck in float64 for pred, target and a [T] weight (every CPU backend supports float64).
+
+    Triton's interpreter costs ~30 ms a launch, so it gets gradcheck's fast mode (random projections of the
+    Jacobian) instead of one launch per input element."""
+    pred = torch.randn(2, 3, 4, 5, dtype=torch.float64).transpose(2, 3).requires_grad_()
+    target = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    for reduction in ("mean", "sum"):
+        assert torch.autograd.gradcheck(
+            lambda p, t, w: kvpo_kernels.velocity_energy(p, t, w, reduction=reduction, backend=backend),
+            (pred, target, weight), fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_deterministic(backend, dtype):
+    """The same inputs give bitwise the same E and gradients (no atomics; fixed partition and order)."""
+    pred = _randn((2, 2, 299_520 if backend != "triton" else 70_001), dtype).requires_grad_()
+    target = _randn(pred.shape, dtype).requires_grad_()
+    weight = torch.rand(2)
+    grad = torch.randn(2, 2)
+    runs = []
+    for _ in range(2):
+        energy = kvpo_kernels.velocity_energy(pred, target, weight, reduction="sum", backend=backend)
+        runs.append([energy, *torch.autograd.grad(energy, (pred, target), grad)])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(machine_unavailable("cpu") is not None, reason="C++ extension not built")
+def test_cpu_independent_of_thread_count():
+    pred, target = torch.randn(2, 3, 100_003), torch.randn(2, 3, 100_003)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kvpo_kernels.velocity_energy(pred, target, reduction="sum", backend="cpu")
+        torch.set_num_threads(max(2, threads))
+        many = kvpo_kernels.velocity_energy(pred, target, reduction="sum", backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_empty_batch():
+    pred = torch.randn(0, 3, 5)
+    assert kvpo_kernels.velocity_energy(pred, pred.clone()).shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+def _bad_inputs():
+    p = torch.randn(2, 3, 4)
+    yield "rank", dict(pred=torch.randn(5), target=torch.randn(5)), ValueError, "pred"
+    yield "shape", dict(pred=p, target=torch.randn(2, 3, 5)), ValueError, "target"
+    yield "dtype", dict(pred=p, target=p.half()), TypeError, "target"
+    yield "int pred", dict(pred=torch.ones(2, 3, 4, dtype=torch.int32), target=torch.ones(2, 3, 4, dtype=torch.int32)), \
+        TypeError, "pred"
+    yield "bool target", dict(pred=p, target=torch.ones(2, 3, 4, dtype=torch.bool)), TypeError, "target"
+    yield "not a tensor", dict(pred=[1.0], target=p), TypeError, "pred"
+    yield "weight shape", dict(pred=p, target=p, weight=torch.rand(2)), ValueError, "weight"
+    yield "weight shape BT", dict(pred=p, target=p, weight=torch.rand(3, 2)), ValueError, "weight"
+    yield "weight int", dict(pred=p, target=p, weight=torch.ones(3, dtype=torch.int64)), TypeError, "weight"
+    yield "weight device", dict(pred=p, target=p, weight=torch.rand(3, device="meta")), ValueError, "weight"
+    yield "device", dict(pred=p, target=torch.randn(2, 3, 4, device="meta")), ValueError, "target"
+    yield "empty row", dict(pred=torch.randn(2, 3, 0), target=torch.randn(2, 3, 0)), ValueError, "pred"
+    yield "reduction", dict(pred=p, target=p, reduction="max"), ValueError, "reduction"
+    yield "backend", dict(pred=p, target=p, backend="cudnn"), ValueError, "backend"
+    yield "backend type", dict(pred=p, target=p, backend=None), TypeError, "backend"
+    yield "cuda on cpu tensors", dict(pred=p, target=p, backend="cuda"), ValueError, "cuda"
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()), ids=lambda case: case[0])
+def test_bad_inputs(case):
+    _, kwargs, error, name = case
+    with pytest.raises(error, match=name):
+        kvpo_kernels.velocity_energy(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- torch.library
+
+NATIVE_CPU_BACKENDS = [p for p in CPU_BACKENDS if p.values[0] != "torch"]
+
+
+@pytest.mark.parametrize("backend", NATIVE_CPU_BACKENDS)
+def test_opcheck(backend):
+    pred = torch.randn(2, 3, 5, 7).transpose(2, 3).requires_grad_()
+    target = torch.randn(2, 3, 7, 5, requires_grad=True)
+    weight = torch.rand(3, requires_grad=True)
+    torch.library.opcheck(_velocity_energy_op, (pred, target, weight, True, backend))
+    torch.library.opcheck(_velocity_energy_op, (pred, target, None, False, backend))
+    grad = torch.randn(2, 3)
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(_velocity_energy_backward_op,
+                              (grad, pred.detach(), target.detach(), weight.detach(), True, backend, *need))
+
+
+@pytest.mark.skipif(machine_unavailable("cpu") is not None, reason="C++ extension not built")
+def test_torch_compile_fullgraph():
+    """A compiled function calling the op (auto backend: the C++ one here) matches eager, forward and backward."""
+    def loss(pred, target, weight):
+        energy = kvpo_kernels.velocity_energy(pred, target, weight, reduction="mean")
+        return (energy * torch.arange(1, 4, dtype=energy.dtype)).sum()
+
+    pred = torch.randn(2, 3, 50, requires_grad=True)
+    target = torch.randn(2, 3, 50, requires_grad=True)
+    weight = torch.rand(3)
+    compiled = torch.compile(loss, fullgraph=True)
+    got = compiled(pred, target, weight)
+    got_grads = torch.autograd.grad(got, (pred, target))
+    want = loss(pred, target, weight)
+    want_grads = torch.autograd.grad(want, (pred, target))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+GPU_BACKENDS = ["triton", "cuda"]
+
+
+def _skip_unless_gpu_backend(backend):
+    why = machine_unavailable(backend)
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitizer
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape,weight_kind,reduction", [
+    ((2, 3, 1), None, "mean"), ((2, 3, 1559), "T", "sum"), ((3, 5), "BT", "mean"), ((2, 3, 37, 41), "BT", "sum")])
+def test_gpu_small(backend, dtype, shape, weight_kind, reduction, poisoned):
+    _skip_unless_gpu_backend(backend)
+    pred, target = _randn(shape, dtype, "cuda"), _randn(shape, dtype, "cuda")
+    check_against_reference(backend, pred, target, _weight(weight_kind, *shape[:2], device="cuda"), reduction,
+                            poisoned)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitizer
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_non_contiguous(backend, dtype, poisoned):
+    """Strided rows, misaligned starts (vector loads must fall back / peel a head) and copied trailing dims."""
+    _skip_unless_gpu_backend(backend)
+    for _, pred, target in _non_contiguous_layouts(dtype, "cuda"):
+        check_against_reference(backend, pred, target, torch.rand(3, 4, device="cuda") + 0.5, "sum", poisoned)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(8, 4, 299_520), (2, 3, 2_096_640), (1, 1, 5_000_011)], ids=str)
+def test_gpu_large(backend, dtype, shape, poisoned):
+    _skip_unless_gpu_backend(backend)
+    pred, target = _randn(shape, dtype, "cuda"), _randn(shape, dtype, "cuda")
+    check_against_reference(backend, pred, target, _weight("T", *shape[:2], device="cuda"), "mean", poisoned)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_deterministic(backend):
+    _skip_unless_gpu_backend(backend)
+    pred = _randn((16, 4, 299_520), torch.bfloat16, "cuda").requires_grad_()
+    target = _randn(pred.shape, torch.bfloat16, "cuda").requires_grad_()
+    grad = torch.randn(16, 4, device="cuda")
+    runs = []
+    for _ in range(3):
+        energy = kvpo_kernels.velocity_energy(pred, target, reduction="sum", backend=backend)
+        runs.append([energy, *torch.autograd.grad(energy, (pred, target), grad)])
+    for other in runs[1:]:
+        for first, again in zip(runs[0], other):
+            assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_auto_picks_cuda_and_compiles():
+    pred = _randn((2, 3, 1000), torch.bfloat16, "cuda").requires_grad_()
+    target = _randn(pred.shape, torch.bfloat16, "cuda")
+    from kvpo_kernels.ops.velocity_energy import _choose_backend
+    expected = "cuda" if machine_unavailable("cuda") is None else "triton"
+    assert _choose_backend("auto", pred.device, pred.dtype) == expected
+    compiled = torch.compile(lambda p, t: kvpo_kernels.velocity_energy(p, t).sum(), fullgraph=True)
+    got = compiled(pred, target)
+    got.backward()
+    torch.testing.assert_close(got, reference.velocity_energy(pred.detach(), target).sum())
