@@ -1,0 +1,93 @@
+"""available_backends() and the dispatcher, as velocity_energy uses them: reasons up front, errors that say why."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpo_kernels
+from kvpo_kernels._backends import BACKENDS, machine_unavailable, native_extension
+from kvpo_kernels.ops.velocity_energy import _choose_backend
+
+CPU = torch.device("cpu")
+
+
+def test_available_backends_lists_every_backend_with_a_reason():
+    table = kvpo_kernels.available_backends()
+    assert "velocity_energy" in table
+    entry = table["velocity_energy"]
+    assert tuple(entry) == BACKENDS
+    assert entry["torch"] is None
+    for backend, why in entry.items():
+        assert why is None or (isinstance(why, str) and why), backend
+    assert kvpo_kernels.available_backends("velocity_energy") == {"velocity_energy": entry}
+    assert "velocity_energy" in kvpo_kernels.describe_backends()
+
+
+def test_available_backends_unknown_op():
+    with pytest.raises(ValueError, match="op must be one of"):
+        kvpo_kernels.available_backends("no_such_op")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given on a machine without a GPU")
+def test_reasons_without_gpu():
+    entry = kvpo_kernels.available_backends("velocity_energy")["velocity_energy"]
+    assert "CUDA" in entry["cuda"] or "not built" in entry["cuda"]
+    module, _ = native_extension()
+    if module is not None:
+        assert entry["cpu"] is None
+
+
+@pytest.mark.skipif(machine_unavailable("cpu") is not None, reason="C++ extension not built")
+def test_auto_on_cpu_tensors_picks_the_cpp_backend_not_the_interpreter(monkeypatch):
+    monkeypatch.delenv("KVPO_BACKEND", raising=False)
+    assert _choose_backend("auto", CPU, torch.float32) == "cpu"
+    assert _choose_backend("auto", CPU, torch.bfloat16) == "cpu"
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv("KVPO_BACKEND", "torch")
+    assert _choose_backend("auto", CPU, torch.float32) == "torch"
+    # an explicit argument wins over the environment
+    if machine_unavailable("cpu") is None:
+        assert _choose_backend("cpu", CPU, torch.float32) == "cpu"
+    monkeypatch.setenv("KVPO_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="KVPO_BACKEND"):
+        _choose_backend("auto", CPU, torch.float32)
+
+
+def test_env_override_to_an_unusable_backend_says_why(monkeypatch):
+    if machine_unavailable("cuda") is None:
+        pytest.skip("cuda is usable here")
+    monkeypatch.setenv("KVPO_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="backend='cuda' cannot serve"):
+        kvpo_kernels.velocity_energy(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_explicit_backend_that_cannot_serve_says_why():
+    pred = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="backend='cuda' cannot serve these inputs: .*"):
+        kvpo_kernels.velocity_energy(pred, pred.clone(), backend="cuda")
+
+
+def test_unsupported_dtype_for_a_backend_says_why():
+    if machine_unavailable("cuda") is not None:
+        pytest.skip(machine_unavailable("cuda"))
+    pred = torch.randn(2, 3, 4, dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        kvpo_kernels.velocity_energy(pred, pred.clone(), backend="cuda")
+
+
+def test_explicit_triton_on_cpu_tensors_runs_only_under_the_interpreter(monkeypatch):
+    if machine_unavailable("triton") is not None and "not installed" in machine_unavailable("triton"):
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _choose_backend("triton", CPU, torch.float32)
+
+
+def test_bad_backend_names():
+    pred = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        kvpo_kernels.velocity_energy(pred, pred, backend="fast")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        kvpo_kernels.velocity_energy(pred, pred, backend=1)
