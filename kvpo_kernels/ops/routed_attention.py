@@ -262,12 +262,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k_cache, v_cache, block_table, block_counts, k_new, v_new, out, lse)
     ctx.softmax_scale = softmax_scale
     ctx.backend = backend
+    # An unused lse (the common case) then arrives as None, and the kernels skip the dlse term.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k_cache, v_cache, block_table, block_counts, k_new, v_new, out, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dq, need_dcache, need_dnew = need[0], need[1] or need[2], k_new is not None and (need[5] or need[6])
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
     dq, dk_cache, dv_cache, dk_new, dv_new = torch.ops.kvpo.routed_attention_bwd(
         dout, dlse, q, k_cache, v_cache, block_table, block_counts, k_new, v_new, out, lse, ctx.softmax_scale,
         ctx.backend, need_dq, need_dcache, need_dnew)

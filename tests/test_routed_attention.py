@@ -1,0 +1,401 @@
+"""routed_attention against the float64 gather-and-concatenate reference, forward and every gradient.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py) in fp32 and fp16; GPU tests (bf16 and
+fp16 at real sizes) run only where torch sees CUDA. Each case below covers several properties at once (block size,
+Lq, head layout, head dim, table shape) instead of a cartesian product, to keep the interpreter time small.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import pytest
+import torch
+
+import kvpo_kernels
+from kvpo_kernels import reference, routed_attention
+from kvpo_kernels.triton import routed_attention as triton_routed_attention
+
+from _assertions import assert_close_to_truth
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    block_size: int
+    num_blocks: int
+    q_len: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    table: List[List[int]]
+    counts: Optional[List[int]]
+    new_len: int = 0  # 0: no k_new / v_new
+    index_dtype: torch.dtype = torch.int32
+    q_layout: str = "contiguous"  # or "strided": q is a non-contiguous view
+    lse_grad: bool = False  # also back-propagate a random gradient through lse
+
+
+CASES = [
+    # One 1560-token frame size (full 32-key tiles plus a 24-key tail per block), few queries, 2 query heads on 1,
+    # block 2 read by both sequences, no new chunk, counts default to M.
+    Case("S1560-Lq5-gqa2on1-D64", 1560, 3, 5, 2, 1, 64, [[2, 0], [1, 2]], None),
+    # 12 query heads on 4; block 1 read twice by sequence 0 and once by sequence 2; sequence 1 has 0 blocks but a
+    # new chunk; uneven counts; int64 tables; gradient through lse too.
+    Case("S257-Lq33-gqa12on4-D64-new", 257, 4, 33, 12, 4, 64, [[1, 3, 1], [0, 0, 0], [2, 1, 0]], [3, 0, 2],
+         new_len=17, index_dtype=torch.int64, lse_grad=True),
+    # Tiny blocks, several query tiles, MHA, D = 128, non-contiguous q, every table entry a different count.
+    Case("S7-Lq128-mha-D128-strided", 7, 6, 128, 2, 2, 128, [[5, 0, 3, 5, 1], [4, 4, 2, 0, 0]], [5, 3],
+         q_layout="strided"),
+    # One-token blocks, one query, 12 on 12 heads, odd head dim (padded to 64 with masks), new chunk.
+    Case("S1-Lq1-mha12-D40-new", 1, 9, 1, 12, 12, 40, [[8, 0, 8, 3], [1, 2, 3, 4], [7, 7, 7, 7]], [4, 0, 2],
+         new_len=3),
+    # A sequence with nothing to attend to (0 blocks, no chunk) next to a normal one.
+    Case("S3-Lq4-empty-row", 3, 2, 4, 2, 1, 64, [[0, 1], [1, 1]], [0, 2]),
+]
+# Small, with a block shared by both rows and repeated in each: for the properties that do not need big shapes.
+SHARED = Case("S5-Lq9-shared", 5, 3, 9, 4, 2, 16, [[1, 1, 0], [2, 1, 1]], [3, 3], new_len=4)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str = DEVICE):
+    batch = len(case.table)
+    shape_q = (batch, case.q_len, case.q_heads, case.head_dim)
+    if case.q_layout == "strided":
+        # [B, Hq, Lq, 2D] storage seen as [B, Lq, Hq, D]: every stride differs from the contiguous one.
+        q = torch.randn(batch, case.q_heads, case.q_len, 2 * case.head_dim, dtype=dtype, device=device)
+        q = q[..., : case.head_dim].transpose(1, 2)
+        assert not q.is_contiguous()
+    else:
+        q = torch.randn(shape_q, dtype=dtype, device=device)
+    pool = (case.num_blocks, case.block_size, case.kv_heads, case.head_dim)
+    inputs = {
+        "q": q,
+        "k_cache": torch.randn(pool, dtype=dtype, device=device),
+        "v_cache": torch.randn(pool, dtype=dtype, device=device),
+        "block_table": torch.tensor(case.table, dtype=case.index_dtype, device=device),
+        "block_counts": None if case.counts is None else torch.tensor(case.counts, dtype=case.index_dtype,
+                                                                       device=device),
+        "k_new": None,
+        "v_new": None,
+    }
+    if case.new_len:
+        chunk = (batch, case.new_len, case.kv_heads, case.head_dim)
+        inputs["k_new"] = torch.randn(chunk, dtype=dtype, device=device)
+        inputs["v_new"] = torch.randn(chunk, dtype=dtype, device=device)
+    return inputs
+
+
+GRAD_NAMES = ("q", "k_cache", "v_cache", "k_new", "v_new")
+
+
+def run(fn, inputs, dout, dlse, dtype=None, **kwargs):
+    """Forward + backward of ``fn`` on copies of ``inputs`` (cast to ``dtype``); returns out, lse, grads."""
+    leaves = {}
+    args = {}
+    for name, value in inputs.items():
+        if value is not None and value.is_floating_point():
+            value = value.detach().to(dtype or value.dtype).requires_grad_(True)
+            leaves[name] = value
+        args[name] = value
+    out, lse = fn(**args, return_lse=True, **kwargs)
+    loss = (out * dout.to(out.dtype)).sum()
+    if dlse is not None:
+        loss = loss + (lse * dlse.to(lse.dtype)).sum()
+    loss.backward()
+    return out, lse, {name: leaves[name].grad for name in GRAD_NAMES if name in leaves}
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """NaN-fill every tensor the launchers allocate with torch.empty / empty_like, so an unwritten element fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    def nan_empty_like(*args, **kwargs):
+        tensor = empty_like(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def check_against_reference(case: Case, dtype: torch.dtype, backend: str, device: str = DEVICE):
+    inputs = make_inputs(case, dtype, device)
+    batch = len(case.table)
+    dout = torch.randn(batch, case.q_len, case.q_heads, case.head_dim, device=device, dtype=torch.float64)
+    dlse = torch.randn(batch, case.q_heads, case.q_len, device=device, dtype=torch.float64) if case.lse_grad else None
+
+    truth_out, truth_lse, truth_grads = run(reference.routed_attention, inputs, dout, dlse, torch.float64)
+    out, lse, grads = run(routed_attention, inputs, dout, dlse, backend=backend)
+    baseline = {}
+    if dtype != torch.float32:  # what plain PyTorch gives in this dtype: the error budget (x2)
+        base_out, base_lse, base_grads = run(reference.routed_attention, inputs, dout, dlse)
+        baseline = {"out": base_out, "lse": base_lse, **base_grads}
+
+    assert out.dtype == dtype and out.shape == truth_out.shape
+    assert lse.dtype == torch.float32 and lse.shape == truth_lse.shape
+    assert_close_to_truth("out", out, truth_out, baseline.get("out"))
+    assert_close_to_truth("lse", lse, truth_lse, baseline.get("lse"))
+    assert set(grads) == set(truth_grads)
+    for name, grad in grads.items():
+        assert grad is not None and grad.dtype == dtype, name
+        assert_close_to_truth(f"d{name}", grad, truth_grads[name], baseline.get(name))
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_triton_matches_reference(case, dtype, poison_outputs):
+    check_against_reference(case, dtype, "triton")
+
+
+@pytest.mark.parametrize("case", CASES[1:3], ids=[case.name for case in CASES[1:3]])
+def test_torch_backend_matches_reference(case):
+    check_against_reference(case, torch.float32, "torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_row_gives_zero_and_minus_inf(backend, poison_outputs):
+    case = CASES[-1]
+    inputs = make_inputs(case, torch.float32)
+    dout = torch.randn(2, case.q_len, case.q_heads, case.head_dim, dtype=torch.float64)
+    out, lse, grads = run(routed_attention, inputs, dout, None, backend=backend)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+    assert torch.equal(grads["q"][0], torch.zeros_like(grads["q"][0]))
+    assert grads["q"][1].abs().sum() > 0
+    # Block 0 is read by nobody (row 0 is empty, row 1 reads block 1 twice): zero gradient, no NaN.
+    assert torch.equal(grads["k_cache"][0], torch.zeros_like(grads["k_cache"][0]))
+    assert torch.equal(grads["v_cache"][0], torch.zeros_like(grads["v_cache"][0]))
+
+
+def test_gradients_are_bitwise_repeatable():
+    case = SHARED
+    inputs = make_inputs(case, torch.float32)
+    dout = torch.randn(2, case.q_len, case.q_heads, case.head_dim, dtype=torch.float64)
+    first = run(routed_attention, inputs, dout, None, backend="triton")
+    second = run(routed_attention, inputs, dout, None, backend="triton")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for name in first[2]:
+        assert torch.equal(first[2][name], second[2][name]), name
+
+
+def test_caches_without_grad_get_none_and_no_pool_work(monkeypatch):
+    def no_inverse_map(*args, **kwargs):
+        raise AssertionError("the pool dK/dV path ran although k_cache/v_cache do not require grad")
+
+    monkeypatch.setattr(triton_routed_attention, "block_readers", no_inverse_map)
+    case = SHARED
+    inputs = make_inputs(case, torch.float32)
+    q = inputs["q"].requires_grad_()
+    k_new = inputs["k_new"].requires_grad_()
+    out = routed_attention(q, inputs["k_cache"], inputs["v_cache"], inputs["block_table"], inputs["block_counts"],
+                           k_new, inputs["v_new"], backend="triton")
+    out.sum().backward()
+    assert inputs["k_cache"].grad is None and inputs["v_cache"].grad is None and inputs["v_new"].grad is None
+    assert q.grad is not None and k_new.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_softmax_scale_and_default_counts():
+    case = CASES[0]
+    inputs = make_inputs(case, torch.float32)
+    full_counts = torch.full((2,), 2, dtype=torch.int32)
+    got = routed_attention(**{**inputs, "block_counts": full_counts}, softmax_scale=0.3, backend="triton")
+    want = reference.routed_attention(**{k: v.double() if v is not None and v.is_floating_point() else v
+                                         for k, v in inputs.items()}, softmax_scale=0.3)
+    assert_close_to_truth("out", got, want)
+    assert torch.equal(routed_attention(**inputs, softmax_scale=0.3, backend="triton"), got)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+def _valid():
+    return make_inputs(Case("v", 4, 3, 2, 4, 2, 8, [[0, 2], [1, 1]], [2, 1], new_len=2), torch.float32, "cpu")
+
+
+def _with(**changes):
+    def build():
+        inputs = _valid()
+        for name, fn in changes.items():
+            inputs[name] = fn(inputs)
+        return inputs
+    return build
+
+
+BAD_INPUTS = [
+    ("q-rank", _with(q=lambda i: i["q"][0]), ValueError, "q must be"),
+    ("q-not-tensor", _with(q=lambda i: i["q"].tolist()), TypeError, "q must be a torch.Tensor"),
+    ("q-dtype", _with(q=lambda i: i["q"].double()), TypeError, "q must be float16"),
+    ("k-dtype", _with(k_cache=lambda i: i["k_cache"].half()), TypeError, "k_cache dtype"),
+    ("k-rank", _with(k_cache=lambda i: i["k_cache"][0]), ValueError, "k_cache must be"),
+    ("v-shape", _with(v_cache=lambda i: i["v_cache"][:2]), ValueError, "v_cache shape"),
+    ("head-dim", _with(k_cache=lambda i: i["k_cache"][..., :4], v_cache=lambda i: i["v_cache"][..., :4]), ValueError,
+     "head dim"),
+    ("D>256", _with(q=lambda i: torch.randn(2, 2, 4, 264), k_cache=lambda i: torch.randn(3, 4, 2, 264),
+                    v_cache=lambda i: torch.randn(3, 4, 2, 264), k_new=lambda i: None, v_new=lambda i: None),
+     ValueError, "head dim D must be"),
+    ("heads", _with(q=lambda i: torch.randn(2, 2, 3, 8)), ValueError, "multiple of k_cache heads"),
+    ("table-rank", _with(block_table=lambda i: i["block_table"][0]), ValueError, "block_table must be"),
+    ("table-rows", _with(block_table=lambda i: i["block_table"][:1]), ValueError, "block_table must be"),
+    ("table-dtype", _with(block_table=lambda i: i["block_table"].float()), TypeError, "block_table must be int"),
+    ("counts-shape", _with(block_counts=lambda i: i["block_counts"][:1]), ValueError, "block_counts must be"),
+    ("counts-dtype", _with(block_counts=lambda i: i["block_counts"].to(torch.int16)), TypeError,
+     "block_counts must be int"),
+    ("counts-negative", _with(block_counts=lambda i: torch.tensor([2, -1], dtype=torch.int32)), ValueError,
+     r"block_counts must lie in \[0, M=2\]"),
+    ("counts>M", _with(block_counts=lambda i: torch.tensor([3, 1], dtype=torch.int32)), ValueError,
+     r"block_counts must lie in \[0, M=2\]"),
+    ("id>=N", _with(block_table=lambda i: torch.tensor([[0, 3], [1, 1]], dtype=torch.int32)), ValueError,
+     r"block_table\[0, 1\] = 3 is outside the pool \[0, N=3\)"),
+    ("id<0", _with(block_table=lambda i: torch.tensor([[0, 1], [-1, 1]], dtype=torch.int32)), ValueError,
+     r"block_table\[1, 0\] = -1"),
+    ("k_new-alone", _with(v_new=lambda i: None), ValueError, "k_new and v_new must be given together"),
+    ("k_new-shape", _with(k_new=lambda i: i["k_new"][:, :, :1], v_new=lambda i: i["v_new"][:, :, :1]), ValueError,
+     "k_new must be"),
+    ("v_new-shape", _with(v_new=lambda i: i["v_new"][:, :1]), ValueError, "v_new shape"),
+    ("k_new-dtype", _with(k_new=lambda i: i["k_new"].half()), TypeError, "k_new dtype"),
+    ("block-size-0", _with(k_cache=lambda i: i["k_cache"][:, :0], v_cache=lambda i: i["v_cache"][:, :0]), ValueError,
+     "block size S"),
+    ("device", _with(block_counts=lambda i: i["block_counts"].to("meta")), ValueError, "block_counts is on meta"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name,build,error,match", BAD_INPUTS, ids=[entry[0] for entry in BAD_INPUTS])
+def test_bad_inputs_raise_before_any_kernel(name, build, error, match, backend, monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel launcher ran on invalid inputs")
+
+    monkeypatch.setattr(triton_routed_attention, "routed_attention_forward", no_launch)
+    monkeypatch.setattr(reference, "routed_attention", no_launch)
+    with pytest.raises(error, match=match):
+        routed_attention(**build(), backend=backend)
+
+
+def test_bad_arguments_raise():
+    inputs = _valid()
+    with pytest.raises(TypeError, match="softmax_scale"):
+        routed_attention(**inputs, softmax_scale="0.1")
+    with pytest.raises(ValueError, match="softmax_scale must be finite"):
+        routed_attention(**inputs, softmax_scale=float("nan"))
+    with pytest.raises(ValueError, match="backend must be"):
+        routed_attention(**inputs, backend="flash")
+    with pytest.raises(ValueError, match="no CUDA C\\+\\+ kernel for this op yet; use triton"):
+        routed_attention(**inputs, backend="cuda")
+    with pytest.raises(ValueError, match="no C\\+\\+ CPU kernel"):
+        routed_attention(**inputs, backend="cpu")
+
+
+def test_check_block_ids_false_skips_the_sync(monkeypatch):
+    from kvpo_kernels.ops import routed_attention as op_module
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("table values were checked")
+
+    monkeypatch.setattr(op_module, "_check_table_values", no_check)
+    inputs = _valid()
+    out = routed_attention(**inputs, check_block_ids=False, backend="torch")
+    assert torch.isfinite(out).all()
+    with pytest.raises(AssertionError, match="table values were checked"):
+        routed_attention(**inputs, backend="torch")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch, torch.library, torch.compile
+# ----------------------------------------------------------------------------------------------------------------
+def test_backend_choice(monkeypatch):
+    from kvpo_kernels.ops.routed_attention import _choose_backend
+
+    monkeypatch.delenv("KVPO_BACKEND", raising=False)
+    assert _choose_backend("auto", "cpu", "") == "torch"
+    assert _choose_backend("triton", "cpu", "") == "triton"  # TRITON_INTERPRET=1 under the tests
+    assert _choose_backend("auto", "cpu", "triton") == "triton"
+    table = kvpo_kernels.available_backends("routed_attention")["routed_attention"]
+    assert table["torch"] is None and "no CUDA C++ kernel" in table["cuda"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    case = Case("opcheck", 3, 3, 5, 2, 1, 16, [[0, 2], [1, 1]], [2, 1], new_len=2)
+    inputs = make_inputs(case, torch.float32, "cpu")
+    for name in GRAD_NAMES:
+        inputs[name].requires_grad_(True)
+    args = (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_table"], inputs["block_counts"],
+            inputs["k_new"], inputs["v_new"], 0.25, backend, True)
+    torch.library.opcheck(torch.ops.kvpo.routed_attention_fwd.default, args)
+    out, lse = torch.ops.kvpo.routed_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), *[a.detach() if isinstance(a, torch.Tensor) else a
+                                                                 for a in args[:7]],
+                out.detach(), lse.detach(), 0.25, backend, True, True, True)
+    torch.library.opcheck(torch.ops.kvpo.routed_attention_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    case = SHARED
+    inputs = make_inputs(case, torch.float32, "cpu")
+
+    def loss_fn(q, k_cache, v_cache, k_new, v_new):
+        out, lse = routed_attention(q, k_cache, v_cache, inputs["block_table"], inputs["block_counts"], k_new, v_new,
+                                    return_lse=True)
+        return (out.square().sum() + lse.sum()) * 0.5
+
+    leaves = [inputs[name] for name in GRAD_NAMES]
+    eager = [x.detach().clone().requires_grad_() for x in leaves]
+    compiled = [x.detach().clone().requires_grad_() for x in leaves]
+    want = loss_fn(*eager)
+    want.backward()
+    got = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*compiled)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: real sizes, bf16 / fp16
+# ----------------------------------------------------------------------------------------------------------------
+GPU_CASES = [
+    # Video geometry on 2 heads: 3-frame query block against 3 pool frames + its own 3-frame chunk.
+    Case("frames-Lq4680-S1560-gqa2on1-D128", 1560, 5, 4680, 2, 1, 128, [[4, 0, 2], [1, 2, 2]], [3, 2],
+         new_len=4680),
+    # 12 on 4 heads, odd sizes, shared blocks, an empty-table row, gradient through lse.
+    Case("S257-Lq333-gqa12on4-D64", 257, 6, 333, 12, 4, 64, [[5, 1, 5, 0], [3, 2, 1, 0], [0, 0, 0, 0]],
+         [4, 2, 0], new_len=129, lse_grad=True),
+    Case("S1-Lq97-D40", 1, 40, 97, 4, 2, 40, [[i for i in range(0, 40, 2)], [i for i in range(20)]], [20, 13]),
+    Case("S7-Lq200-D256", 7, 12, 200, 2, 2, 256, [[11, 3, 3, 0]], [4], new_len=31, q_layout="strided"),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[case.name for case in GPU_CASES])
+def test_gpu_matches_reference(case, dtype, poison_outputs):
+    check_against_reference(case, dtype, "auto", "cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp32_matches_reference():
+    check_against_reference(GPU_CASES[1], torch.float32, "auto", "cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_gradients_are_bitwise_repeatable():
+    case = GPU_CASES[1]
+    inputs = make_inputs(case, torch.bfloat16, "cuda")
+    dout = torch.randn(3, case.q_len, case.q_heads, case.head_dim, device="cuda", dtype=torch.float64)
+    first = run(routed_attention, inputs, dout, None)
+    second = run(routed_attention, inputs, dout, None)
+    for name in first[2]:
+        assert torch.equal(first[2][name], second[2][name]), name
