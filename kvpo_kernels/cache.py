@@ -134,8 +134,10 @@ class GroupKVCache:
         self.frames_per_block, self.sink_frames = int(frames_per_block), int(sink_frames)
         self.window_frames, self.nearest_frames = int(window_frames), int(nearest_frames)
         self.cache_frames = int(cache_frames)
-        self._pool = _BlockPool(num_layers, frame_tokens, num_heads, head_dim, dtype, torch.device(device),
-                                reserve_blocks)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._pool = _BlockPool(num_layers, frame_tokens, num_heads, head_dim, dtype, device, reserve_blocks)
         self._maps: list[dict[int, int]] = [{} for _ in range(batch_size)]
         self.num_frames = 0  # frames written so far = the first frame of the next block
 
@@ -191,6 +193,17 @@ class GroupKVCache:
                 raise ValueError(f"indices: sequence {index} out of range for batch_size {self.batch_size}")
         return self._spawn([self._maps[i] for i in indices])
 
+    def reserve(self, num_blocks: int) -> None:
+        """Make the shared pool hold at least ``num_blocks`` blocks (free or used), growing it now in one step.
+
+        The pool otherwise doubles when full, copying every block once (with old and new pool alive at the same
+        time). Before forking a rollout into a group, reserve what the group will write: ``len(self.frames()) +
+        batch_size * num_branches * frames_per_block * blocks_to_generate`` at most, fewer once eviction starts.
+        """
+        _check_int("num_blocks", num_blocks, 0)
+        if num_blocks > self._pool.num_blocks:
+            self._pool.grow(num_blocks - self._pool.num_blocks)
+
     def release(self) -> None:
         """Drop this cache's references (its private blocks return to the pool); the cache becomes empty."""
         for frame_map in self._maps:
@@ -238,7 +251,7 @@ class GroupKVCache:
         if route is None:
             return sorted(sink | set(range(self._local_first(start, routed=False), start)))
         first_nearest = self._local_first(start, routed=True)
-        route = list(route)
+        route = route.tolist() if isinstance(route, torch.Tensor) else list(route)
         for frame in route:
             if isinstance(frame, bool) or not isinstance(frame, numbers.Integral):
                 raise TypeError(f"routes: frame {frame!r} is not an int")

@@ -72,7 +72,9 @@ def _masked_forward(model, video, frame_timesteps, prompt, allowed, dtype):
     mask = allowed.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)[None, None]
     for block in reference.blocks:
         block.attn1.set_processor(_MaskedSelfAttention(mask))
-    timestep = frame_timesteps.repeat_interleave(tokens, 1).to(dtype)
+    # Timesteps stay fp32 in low precision, as the generator passes them (bf16 cannot hold 900).
+    timestep = frame_timesteps.repeat_interleave(tokens, 1).to(torch.float64 if dtype == torch.float64 else
+                                                               torch.float32)
     return reference(video.to(dtype), timestep, prompt.to(dtype), return_dict=False)[0]
 
 
@@ -383,3 +385,52 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="tokens/frame"):
         gen.predict_x0(GroupKVCache(2, 7, 2, 16, batch_size=2), 0, x, 1.0, prompt)
     assert cache.num_frames == 0  # nothing above wrote the cache
+
+
+
+def _check_group_against_reference(device, dtype):
+    """A routed group (anchor + 3 branches) in one forward on ``device``/``dtype`` with the default backend
+    (Triton on CUDA, the torch reference on CPU): x0 and d x0 / d x_t against the masked full forward."""
+    config = StreamingConfig(latent_height=6, latent_width=10)  # 15 tokens per frame: an odd block size
+    model = _model(12)
+    gen = StreamingWanGenerator(copy.deepcopy(model).to(device, dtype), config)
+    clean, prompt = _inputs(config, 1, 7)
+    cache = gen.new_cache(1)
+    for index in range(7):
+        gen.commit_block(cache, index, _block(clean, config, index).to(device), prompt.to(device))
+    routes = [None] + chr_routes(gen.route_pool(cache, 7), 3, 5, generator=torch.Generator().manual_seed(2))
+    group = cache.fork(4)
+    x_t = torch.randn(4, 4, 3, 6, 10)
+    sigma = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    weight = torch.randn_like(x_t)
+    x_dev = x_t.to(device, dtype).requires_grad_()
+    got = gen.predict_x0(group, 7, x_dev, sigma.to(device), prompt.to(device), routes=routes)
+    assert got.dtype == dtype
+    (grad,) = torch.autograd.grad((got.double() * weight.to(device)).sum(), x_dev)
+    factor = 2.0 if dtype == torch.float32 else 3.0
+    for b, route in enumerate(routes):
+        results = []
+        for ref_dtype in (torch.float64, dtype):
+            x_ref = x_t[b:b + 1].to(ref_dtype).requires_grad_()
+            video = torch.cat([clean.to(ref_dtype), x_ref], dim=2)
+            timesteps = torch.zeros(1, 24)
+            timesteps[:, 21:] = 1000 * sigma[b]
+            allowed = _allowed(24, config, None if route is None else {7: route})
+            v = _masked_forward(model, video, timesteps, prompt, allowed, ref_dtype)[:, :, 21:]
+            x0 = x_ref - sigma[b].to(ref_dtype) * v
+            results.append((x0, torch.autograd.grad((x0.double() * weight[b:b + 1]).sum(), x_ref)[0]))
+        (truth, truth_grad), (baseline, baseline_grad) = results
+        assert_close_to_truth(f"x0 branch {b}", got[b:b + 1].cpu(), truth, baseline, factor=factor)
+        assert_close_to_truth(f"dx_t branch {b}", grad[b:b + 1].cpu(), truth_grad, baseline_grad, factor=factor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_in_model_dtype_matches_reference(dtype):
+    _check_group_against_reference("cpu", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_group_matches_reference(dtype):
+    _check_group_against_reference("cuda", dtype)

@@ -162,6 +162,10 @@ class RoutedWanAttnProcessor:
         value = value.unflatten(2, (attn.heads, -1))
         query = _apply_rotary(query, *context.rotary)
         key = _apply_rotary(key, *context.rotary)
+        out_dtype = query.dtype
+        if query.dtype != context.cache.dtype:
+            # e.g. fp32 weights under bf16 autocast: the kernel wants one dtype, the cache's.
+            query, key, value = (t.to(context.cache.dtype) for t in (query, key, value))
         if context.write_ids is not None:
             context.cache.write(self.layer_index, context.write_ids, key, value)
         k_cache, v_cache = context.cache.layer(self.layer_index)
@@ -169,7 +173,7 @@ class RoutedWanAttnProcessor:
         # device sync in each of the model's layers) is skipped.
         out = routed_attention(query, k_cache, v_cache, context.block_table, context.block_counts,
                                key, value, backend=self.state.backend, check_block_ids=False)
-        out = out.flatten(2, 3).type_as(query)
+        out = out.flatten(2, 3).to(out_dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
@@ -255,17 +259,24 @@ class StreamingWanGenerator:
         c = self.config
         return max(0, c.window_frames - c.sink_frames - c.nearest_frames)
 
-    def new_cache(self, batch_size: int, *, reserve_blocks: Optional[int] = None) -> GroupKVCache:
-        """An empty cache for ``batch_size`` sequences, on the transformer's device and dtype."""
-        param = next(self.transformer.parameters())
+    def new_cache(self, batch_size: int, *, reserve_blocks: Optional[int] = None,
+                  dtype: Optional[torch.dtype] = None) -> GroupKVCache:
+        """An empty cache for ``batch_size`` sequences on the transformer's device.
+
+        ``dtype``: of the stored K/V, default the self-attention weights' dtype (pass the autocast dtype when the
+        weights are fp32 under autocast). ``reserve_blocks``: pool blocks allocated now (default
+        ``batch_size * cache_frames``, a rollout's steady state; see :meth:`GroupKVCache.reserve` for groups).
+        """
+        weight = self.transformer.blocks[0].attn1.to_k.weight
         c = self.transformer.config
         if reserve_blocks is None:
-            reserve_blocks = batch_size * self.config.cache_frames if param.device.type != "meta" else 0
+            reserve_blocks = batch_size * self.config.cache_frames if weight.device.type != "meta" else 0
         return GroupKVCache(c.num_layers, self.frame_tokens, c.num_attention_heads, c.attention_head_dim,
                             batch_size=batch_size, frames_per_block=self.config.frames_per_block,
                             sink_frames=self.config.sink_frames, window_frames=self.config.window_frames,
                             nearest_frames=self.config.nearest_frames, cache_frames=self.config.cache_frames,
-                            dtype=param.dtype, device=param.device, reserve_blocks=reserve_blocks)
+                            dtype=weight.dtype if dtype is None else dtype, device=weight.device,
+                            reserve_blocks=reserve_blocks)
 
     def route_pool(self, cache: GroupKVCache, block_index: int, perturbed_blocks: int = 1) -> list[int]:
         """Frames a route may use when forking at ``block_index`` (see :meth:`GroupKVCache.route_pool`)."""
@@ -327,9 +338,10 @@ class StreamingWanGenerator:
                 return outer(run, *args)
 
             transformer._gradient_checkpointing_func = bound
+        dtype = transformer.patch_embedding.weight.dtype
         try:
             with self._state.bind(context):
-                return transformer(x, sigma * 1000.0, prompt_embeds, return_dict=False)[0]
+                return transformer(x.to(dtype), sigma * 1000.0, prompt_embeds.to(dtype), return_dict=False)[0]
         finally:
             if patched:
                 transformer._gradient_checkpointing_func = outer
@@ -509,7 +521,10 @@ def _read_checkpoint(path: str, key: Optional[str]) -> dict:
         from safetensors.torch import load_file
         obj = load_file(path)
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: a 1.3B generator's several copies (EMA, optimizer) are not all read
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict):
         raise ValueError(f"path: {path!r} holds a {type(obj).__name__}, not a state dict")
     if key is not None:
