@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -38,9 +39,7 @@ def _configs(entries):
 
 
 # The interpreter runs one config (no autotuning on CPU); 32 x 32 tiles keep the numpy work per program small while
-# still exercising full tiles plus a masked tail for S = 257 and 1560. On CUDA a small FlashAttention-2 style list;
-# configs that exceed shared memory (D = 256, fp32) fail to compile and are skipped by the autotuner, which is why
-# each list ends in a small config.
+# still exercising full tiles plus a masked tail for S = 257 and 1560. On CUDA a small FlashAttention-2 style list.
 if triton_interpreting():
     _FWD_CONFIGS = _DQ_CONFIGS = _DKDV_CONFIGS = _configs([(32, 32, 4, 1)])
 else:
@@ -49,6 +48,39 @@ else:
     _DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)])
     # dK/dV: a key tile (BLOCK_N) that stays in registers against streamed query tiles (BLOCK_M).
     _DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 1), (16, 32, 4, 1)])
+
+# KVPO_TRITON_AUTOTUNE=0: take the first config that fits in shared memory instead of timing them all (each config
+# compiles separately, per dtype / head dim / group; the GPU test run sets it to stay within its time budget).
+_AUTOTUNE = os.environ.get("KVPO_TRITON_AUTOTUNE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_budget(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+def _fitting_configs(resident: str):
+    """An ``early_config_prune`` that drops configs whose tiles cannot fit in shared memory (D = 256, fp32).
+
+    ``resident`` names the tile size that stays on chip (two [tile, D] operands: q and dO, or k and v); the other
+    dimension's two operands stream through ``num_stages`` buffers.
+    """
+    streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        block_d = max(triton.next_power_of_2(kwargs["HEAD_DIM"]), 16)
+        budget = _shared_memory_budget(q.device.index if q.device.index is not None else 0)
+
+        def smem(config):
+            tiles = 2 * config.kwargs[resident] + 2 * config.num_stages * config.kwargs[streamed]
+            return tiles * block_d * q.element_size()
+
+        fitting = [config for config in configs if smem(config) <= budget] or configs[-1:]
+        return fitting if _AUTOTUNE else fitting[:1]
+
+    return {"early_config_prune": prune}
 
 
 @triton.jit
@@ -105,7 +137,8 @@ def _fwd_span(acc, m_i, l_i, q, k_ptrs, v_ptrs, length, k_step, v_step, offs_n, 
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"],
+                 prune_configs_by=_fitting_configs("BLOCK_M"))
 @triton.jit
 def _routed_attention_fwd_kernel(
     Out, Lse, Q, Kc, Vc, Kn, Vn, Table, Counts,
@@ -231,7 +264,8 @@ def _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, length, k_step, v_step, off
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"])
+@triton.autotune(configs=_DQ_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"],
+                 prune_configs_by=_fitting_configs("BLOCK_M"))
 @triton.jit
 def _routed_attention_dq_kernel(
     DQ, Q, DO, Lse, Delta, Kc, Vc, Kn, Vn, Table, Counts,
@@ -322,7 +356,8 @@ def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"],
+                 prune_configs_by=_fitting_configs("BLOCK_N"))
 @triton.jit
 def _routed_attention_dkdv_pool_kernel(
     DKc, DVc, Q, DO, Lse, Delta, Kc, Vc, Readers, ReaderPtr,
@@ -373,7 +408,8 @@ def _routed_attention_dkdv_pool_kernel(
     tl.store(DVc + out_offs, dv.to(DVc.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"],
+                 prune_configs_by=_fitting_configs("BLOCK_N"))
 @triton.jit
 def _routed_attention_dkdv_new_kernel(
     DKn, DVn, Q, DO, Lse, Delta, Kn, Vn,
