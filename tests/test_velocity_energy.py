@@ -287,6 +287,21 @@ def test_opcheck(backend):
                               (grad, pred.detach(), target.detach(), weight.detach(), True, backend, *need))
 
 
+@pytest.mark.parametrize("backend", NATIVE_CPU_BACKENDS)
+def test_custom_op_path_matches_eager_path(backend):
+    """Eager calls use an autograd.Function, traced ones the custom op: same launchers, bitwise the same results."""
+    pred = torch.randn(2, 3, 301, requires_grad=True)
+    target = torch.randn(2, 3, 301, requires_grad=True)
+    weight = torch.rand(3, requires_grad=True)
+    grad = torch.randn(2, 3)
+    eager = kvpo_kernels.velocity_energy(pred, target, weight, reduction="sum", backend=backend)
+    traced = _velocity_energy_op(pred, target, weight, False, backend)
+    assert torch.equal(eager, traced)
+    for a, b in zip(torch.autograd.grad(eager, (pred, target, weight), grad),
+                    torch.autograd.grad(traced, (pred, target, weight), grad)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(machine_unavailable("cpu") is not None, reason="C++ extension not built")
 def test_torch_compile_fullgraph():
     """A compiled function calling the op (auto backend: the C++ one here) matches eager, forward and backward."""

@@ -5,8 +5,10 @@
 
 Layers: kernels (``kvpo_kernels/triton/velocity_energy.py``, ``csrc/cpu``, ``csrc/cuda``) -> launchers (the Triton
 ones in the triton module, the native ones here) -> the custom ops ``kvpo::velocity_energy`` and
-``kvpo::velocity_energy_backward`` (fake implementations for torch.compile, autograd registered on the forward)
--> this functional API. The ``torch`` backend is ``reference.velocity_energy`` itself, differentiated by autograd.
+``kvpo::velocity_energy_backward`` (fake implementations for torch.compile, autograd registered on the forward),
+used when torch.compile traces the call, and an equivalent ``autograd.Function`` for eager calls (the custom op's
+dispatch costs more than a small GPU forward) -> this functional API. The ``torch`` backend is
+``reference.velocity_energy`` itself, differentiated by autograd.
 
 Strides: the kernels read row (b, t) at ``b * stride(0) + t * stride(1)`` and need its trailing dims contiguous;
 when they are not (e.g. a transposed or sliced trailing dim) the input is copied once with ``.contiguous()``.
@@ -14,6 +16,7 @@ Gradients come back contiguous.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -76,16 +79,26 @@ def _validate(pred, target, weight, reduction) -> None:
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def _why_not(backend: str, pred: torch.Tensor, auto: bool) -> Optional[str]:
-    """Why ``backend`` cannot serve ``pred`` (None if it can)."""
-    why = tensor_device_unavailable(backend, pred.device)
+def _why_not(backend: str, device: torch.device, dtype: torch.dtype, auto: bool) -> Optional[str]:
+    """Why ``backend`` cannot serve inputs of this device and dtype (None if it can)."""
+    why = tensor_device_unavailable(backend, device)
     if why is not None:
         return why
-    if pred.dtype not in _SUPPORTED_DTYPES[backend]:
-        return f"{backend} supports {', '.join(str(d) for d in _SUPPORTED_DTYPES[backend])}, not {pred.dtype}"
-    if backend == "triton" and pred.device.type == "cpu" and auto:
+    if dtype not in _SUPPORTED_DTYPES[backend]:
+        return f"{backend} supports {', '.join(str(d) for d in _SUPPORTED_DTYPES[backend])}, not {dtype}"
+    if backend == "triton" and device.type == "cpu" and auto:
         return "auto never picks Triton's interpreter for CPU tensors (a test path; ask for backend='triton')"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend for these inputs (raises ``ValueError`` saying why when none can serve them).
+
+    Run eagerly even under torch.compile (its answer is a constant of the graph): it probes the machine."""
+    # Only a real "auto" choice skips Triton's interpreter; KVPO_BACKEND=triton is an explicit request.
+    auto = requested == "auto" and not os.environ.get("KVPO_BACKEND", "").strip()
+    return select_backend(_OP, requested, lambda name: _why_not(name, device, dtype, auto))
 
 
 def _capability(backend: str) -> Optional[str]:
@@ -120,10 +133,20 @@ def _native_args(pred, target, weight) -> tuple:
     return pred.data_ptr(), target.data_ptr(), w_ptr, batch, steps, n, strides
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the launchers ask on every call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _cuda_forward_partition(pred: torch.Tensor, n: int, rows: int) -> Tuple[int, int]:
     """(splits, chunk): enough blocks to fill the GPU, each chunk a whole number of 16-byte vector sweeps."""
     unit = _CUDA_THREADS * (16 // pred.element_size()) * _CUDA_UNROLL
-    sms = torch.cuda.get_device_properties(pred.device).multi_processor_count
+    sms = sm_count(pred.device)
     units = -(-n // unit)
     splits = max(1, min(units, -(-_CUDA_BLOCKS_PER_SM * sms // rows)))
     chunk = -(-units // splits) * unit
@@ -224,24 +247,43 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mean, ctx.backend = mean, backend
 
 
-def _autograd_backward(ctx, grad):
+def _grads(ctx, grad, forward, backward):
+    """(dpred, dtarget, dweight, None, None) with the given forward/backward callables (ops or launchers)."""
     pred, target, weight = ctx.saved_tensors
     need_pred, need_target, need_weight = ctx.needs_input_grad[:3]
     grad_pred = grad_target = grad_weight = None
     if need_pred or need_target:
-        grad_pred, grad_target = _velocity_energy_backward_op(grad, pred, target, weight, ctx.mean, ctx.backend,
-                                                              need_pred, need_target)
+        grad_pred, grad_target = backward(grad, pred, target, weight, ctx.mean, ctx.backend, need_pred, need_target)
         grad_pred = grad_pred if need_pred else None
         grad_target = grad_target if need_target else None
     if need_weight:
         # dE/dw = the unweighted energy: one more read of the inputs, only when a weight asks for its gradient.
-        grad_weight = grad * _velocity_energy_op(pred, target, None, ctx.mean, ctx.backend)
+        grad_weight = grad * forward(pred, target, None, ctx.mean, ctx.backend)
         if weight.dim() == 1:
             grad_weight = grad_weight.sum(0)
     return grad_pred, grad_target, grad_weight, None, None
 
 
-_velocity_energy_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_velocity_energy_op.register_autograd(
+    lambda ctx, grad: _grads(ctx, grad, _velocity_energy_op, _velocity_energy_backward_op),
+    setup_context=_setup_context)
+
+
+class _VelocityEnergyFunction(torch.autograd.Function):
+    """The eager path: the same launchers as the custom op, without its dispatch cost.
+
+    ``torch.library.custom_op`` adds ~20 us per call (~50 us with autograd) on a CPU core, as much as the whole
+    forward of the smallest ANCHORS size on a GPU; eager calls therefore use this Function, and code traced by
+    torch.compile uses the custom op (whose fake implementation and autograd registration make it traceable)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, weight, mean, backend):
+        _setup_context(ctx, (pred, target, weight, mean, backend), None)
+        return _forward(pred, target, weight, mean, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _grads(ctx, grad, _forward, _backward)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -265,11 +307,11 @@ def velocity_energy(pred: torch.Tensor, target: torch.Tensor, weight: Optional[t
         ``dpred = grad_E * weight * 2 (pred - target) / (n or 1)``, ``dtarget = -dpred``, in the inputs' dtype.
     """
     _validate(pred, target, weight, reduction)
-    # Only a real "auto" choice skips Triton's interpreter; KVPO_BACKEND=triton is an explicit request.
-    auto = check_backend_name(backend) == "auto" and not os.environ.get("KVPO_BACKEND", "").strip()
-    chosen = select_backend(_OP, backend, lambda name: _why_not(name, pred, auto))
+    chosen = _choose_backend(check_backend_name(backend), pred.device, pred.dtype)
     if chosen == "torch":
         return reference.velocity_energy(pred, target, weight, reduction)
     if weight is not None:
         weight = weight.to(_energy_dtype(pred.dtype))
-    return _velocity_energy_op(pred, target, weight, reduction == "mean", chosen)
+    if torch.compiler.is_compiling():
+        return _velocity_energy_op(pred, target, weight, reduction == "mean", chosen)
+    return _VelocityEnergyFunction.apply(pred, target, weight, reduction == "mean", chosen)

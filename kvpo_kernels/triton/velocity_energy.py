@@ -141,7 +141,8 @@ def _weight_strides(weight: Optional[torch.Tensor]) -> Tuple[int, int]:
 def _target_programs(device: torch.device) -> int:
     """Programs to aim for in the forward: a few per SM on a GPU; a handful under the interpreter (tests the split)."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        from ..ops.velocity_energy import sm_count
+        return 4 * sm_count(device)
     return 8
 
 
