@@ -18,7 +18,8 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 from kvpo_kernels.integrations.diffusers import (  # noqa: E402
-    BlockRollout, StreamingConfig, StreamingWanGenerator, convert_causal_wan_state_dict, load_causal_wan_weights)
+    WAN_T2V_1_3B_CONFIG, BlockRollout, StreamingConfig, StreamingWanGenerator, convert_causal_wan_state_dict,
+    load_causal_wan_weights)
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
             text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2)
@@ -434,3 +435,36 @@ def test_group_in_model_dtype_matches_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_group_matches_reference(dtype):
     _check_group_against_reference("cuda", dtype)
+
+
+def test_module_docstring_group_flow():
+    """The flow the module docstring (and the README) shows, on the tiny model."""
+    config = StreamingConfig(**LATENT)
+    gen = StreamingWanGenerator(_model(13), config)
+    prompt_embeds = torch.randn(1, 5, 32)
+    noise = torch.randn(8, 1, 4, 3, 4, 6)
+    cache = gen.new_cache(1)
+    for i in range(7):
+        gen.generate_block(cache, i, noise[i], prompt_embeds)
+    routes = chr_routes(gen.route_pool(cache, 7), 8, gen.num_routed)
+    assert all(len(r) == 5 and set(r) <= set(range(6, 20)) for r in routes)
+    group = cache.fork(9)
+    pool_blocks = cache._pool.num_blocks
+    out = gen.generate_block(group, 7, noise[7].expand(9, -1, -1, -1, -1), prompt_embeds, routes=routes + [None],
+                             step_noise=[torch.randn(1, 4, 3, 4, 6).expand(9, -1, -1, -1, -1)] * 3)
+    x0 = gen.predict_x0(cache.fork(8), 7, out.x_t[2, :8], gen.sigmas[2], prompt_embeds, routes=routes)
+    assert x0.requires_grad
+    assert_close_to_truth("replayed step 2", x0.detach(), out.x0_pred[2, :8])
+    assert cache.num_frames == 21 and group.num_frames == 24 and cache._pool.num_blocks >= pool_blocks
+
+
+def test_wan_1_3b_config_and_key_mapping_round_trip():
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**WAN_T2V_1_3B_CONFIG)
+    params = sum(p.numel() for p in model.parameters())
+    assert 1.2e9 < params < 1.5e9
+    names = model.state_dict()
+    original = _to_original_names(names)
+    converted = convert_causal_wan_state_dict({"model." + k: v for k, v in original.items()})
+    assert set(converted) == set(names)
+    assert all(converted[k] is names[k] for k in names)

@@ -14,12 +14,24 @@ Three pieces:
 - :func:`load_causal_wan_weights`: maps Self-Forcing / LongLive checkpoints (original Wan names, ``.pt`` or
   safetensors) onto ``WanTransformer3DModel``.
 
-Plugging into your own transformer::
+Plugging into your own transformer (a KVPO group: rollout to frame 21, fork, 8 routed branches + the anchor)::
 
-    from kvpo_kernels.integrations.diffusers import StreamingWanGenerator, StreamingConfig
-    gen = StreamingWanGenerator(transformer, StreamingConfig(latent_height=60, latent_width=104))
-    video = gen.generate(noise, prompt_embeds)                   # [B, 16, F, 60, 104] latents
-    cache = gen.new_cache(1); ...; group = cache.fork(9)          # anchor + 8 routed branches share the history
+    from kvpo_kernels.integrations.diffusers import (StreamingConfig, StreamingWanGenerator, WAN_T2V_1_3B_CONFIG,
+                                                     load_causal_wan_weights)
+    from kvpo_kernels.routing import chr_routes
+
+    transformer = WanTransformer3DModel(**WAN_T2V_1_3B_CONFIG).to("cuda", torch.bfloat16)
+    load_causal_wan_weights(transformer, "longlive_base.pt")          # local file, original Wan key names
+    gen = StreamingWanGenerator(transformer, StreamingConfig())        # LongLive geometry, 60 x 104 latents
+    cache = gen.new_cache(1)
+    for i in range(7):                                                 # blocks 0..6 = frames 0..20
+        gen.generate_block(cache, i, noise[i], prompt_embeds)
+    routes = chr_routes(gen.route_pool(cache, 7), 8, gen.num_routed)   # 8 routes of 5 frames among 6..19
+    group = cache.fork(9)                                              # shares the history: no K/V copy
+    out = gen.generate_block(group, 7, group_noise, prompt_embeds, routes=routes + [None])  # one batched forward
+    x0 = gen.predict_x0(cache.fork(8), 7, out.x_t[k, :8], gen.sigmas[k], prompt_embeds, routes=routes)  # has grad
+
+``cache`` is untouched by the group (a snapshot), so replays fork it again.
 """
 from __future__ import annotations
 
