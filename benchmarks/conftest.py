@@ -2,12 +2,12 @@
 
 Usage in ``benchmarks/bench_<op>.py``::
 
-    def test_fwd_cuda(benchmark, record, peers):
+    def test_fwd_cuda(benchmark, record, cuda_synchronize):
         fn = lambda: op(x, backend="cuda")
-        benchmark(sync(fn, x.device))
-        record(benchmark, bytes_moved=2 * x.nbytes, peer_group="fwd-8x4", provider="cuda")
+        benchmark(cuda_synchronize(fn, x.device))
+        record(benchmark, bytes_moved=2 * x.nbytes, peer_group="fwd-8x4", provider="cuda", device=x.device)
 
-- ``sync(fn, device)`` wraps ``fn`` so that the timed call waits for the GPU (pytest-benchmark times wall clock,
+- ``cuda_synchronize(fn, device)`` (fixture; the function is ``sync``) wraps ``fn`` so that the timed call waits for the GPU (pytest-benchmark times wall clock,
   so an unsynchronised CUDA launch would only time the launch). On CPU it returns ``fn`` unchanged.
 - ``record(benchmark, *, bytes_moved=None, flops=None, peer_group=None, provider=None, **extra)`` writes the device
   name, median time, GB/s and/or TFLOP/s (from the median) into ``benchmark.extra_info``. With ``peer_group``, the
@@ -73,6 +73,12 @@ def sync(fn: Callable[[], object], device: torch.device | str) -> Callable[[], o
         return out
 
     return timed
+
+
+@pytest.fixture
+def cuda_synchronize() -> Callable[[Callable[[], object], torch.device | str], Callable[[], object]]:
+    """The ``sync`` helper as a fixture: ``benchmark(cuda_synchronize(fn, device))``."""
+    return sync
 
 
 # (peer_group, provider) -> (median seconds, the benchmark fixture's extra_info dict)
