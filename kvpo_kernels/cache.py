@@ -50,8 +50,8 @@ class _BlockPool:
         self.v = torch.empty(self.shape, dtype=dtype, device=device)
         self.refcount: list[int] = []
         self.free: list[int] = []
-        if reserve_blocks:
-            self.grow(reserve_blocks)
+        # At least one block, so that a padded table entry (block 0) always names real memory.
+        self.grow(max(1, reserve_blocks))
 
     @property
     def num_blocks(self) -> int:
@@ -150,6 +150,15 @@ class GroupKVCache:
             for block in frame_map.values():
                 self._pool.incref(block)
         return child
+
+    def __repr__(self) -> str:
+        mem = self.memory_bytes()
+        return (f"GroupKVCache(batch_size={self.batch_size}, num_frames={self.num_frames}, "
+                f"frames_per_block={self.frames_per_block}, sink={self.sink_frames}, window={self.window_frames}, "
+                f"nearest={self.nearest_frames}, cache_frames={self.cache_frames}, layers={self.num_layers}, "
+                f"frame_tokens={self.frame_tokens}, shared={mem['shared'] / 2**20:.1f} MiB, "
+                f"private={mem['private'] / 2**20:.1f} MiB, pool={mem['pool'] / 2**20:.1f} MiB, "
+                f"{self.dtype}, {self.device})")
 
     @property
     def batch_size(self) -> int:

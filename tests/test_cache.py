@@ -186,3 +186,10 @@ def test_constructor_rejects_bad_geometry(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         GroupKVCache(**args)
+
+
+def test_empty_cache_has_a_real_block_for_padding_and_a_repr():
+    cache = GroupKVCache(2, 5, 2, 4, batch_size=3)
+    table, counts = cache.block_table(0)
+    assert table.tolist() == [[0]] * 3 and counts.tolist() == [0] * 3 and cache._pool.num_blocks >= 1
+    assert "batch_size=3" in repr(cache) and "frame_tokens=5" in repr(cache)

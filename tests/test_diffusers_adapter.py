@@ -255,6 +255,8 @@ def test_generate_block_sampler_and_generate():
         assert_close_to_truth(f"step {k}", roll.x0_pred[k], gen.predict_x0(cache, 0, roll.x_t[k], gen.sigmas[k],
                                                                         prompt))
     assert cache.num_frames == 0 and not roll.x0.requires_grad
+    bare = gen.new_cache(2, reserve_blocks=0)  # block 0 attends to itself only; the pool is (almost) empty
+    assert_close_to_truth("block 0 on a bare cache", gen.predict_x0(bare, 0, noise, 1.0, prompt), roll.x0_pred[0])
     gen.generate_block(cache, 0, noise, prompt, step_noise=step_noise)
     assert cache.num_frames == 3
     # generate() == generate_block() block by block with the same random stream.
