@@ -20,7 +20,7 @@ import yaml
 
 @dataclass
 class RunConfig:
-    steps: int = 100                       # optimizer steps (each: one group rollout per group, then the update)
+    steps: int = 150                       # optimizer steps (each: one group rollout per group, then the update)
     seed: int = 0                          # seeds the model init, prompts, reward decoder and every rollout's noise
     output_dir: str = "runs/kvpo"          # metrics.jsonl, checkpoint.pt and the plot go here
     device: str = "auto"                   # "auto" (cuda:LOCAL_RANK when available, else cpu), "cpu", "cuda", ...
@@ -28,6 +28,8 @@ class RunConfig:
     resume: bool = True                    # continue from output_dir/checkpoint.pt when it exists
     progress: bool = True                  # tqdm progress bar (rank 0 only)
     plot: bool = True                      # write metrics.png at the end (rank 0 only)
+    cpu_threads: int = 1                   # kvpo-train on CPU: torch intra-op threads (0: torch's default). Small
+    #                                        models run fastest single-threaded; extra threads only add sync cost
 
 
 @dataclass
@@ -50,26 +52,34 @@ class ModelConfig:
 class StreamingSection:
     frames_per_block: int = 1              # latent frames per block
     sink_frames: int = 1                   # first frames, always visible
-    window_frames: int = 4                 # frames a block sees in total, incl. sink and itself
+    window_frames: int = 5                 # frames a block sees in total, incl. sink and itself
     nearest_frames: int = 2                # with routing: most recent frames incl. the current block
     timesteps: Tuple[int, ...] = (1000, 750, 500, 250)  # denoising timesteps of the few-step sampler
     shift: float = 5.0                     # sigma warp s' = shift*s / (1 + (shift-1)*s)
+    cache_frames: int = 8                  # frames kept resident incl. the block being written (LongLive-KVPO: 21)
+
+    def route_pool_size(self, fork_block: int, perturbed_blocks: int) -> int:
+        """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula)."""
+        f, start = self.frames_per_block, fork_block * self.frames_per_block
+        first = max(self.sink_frames, start + (perturbed_blocks - 1) * f - (self.cache_frames - self.sink_frames - f))
+        return max(0, start - (self.nearest_frames - f) - first)
 
 
 @dataclass
 class RolloutConfig:
-    num_blocks: int = 6                    # blocks per video (the chunk ends with the video)
-    fork_min: int = 3                      # earliest fork block (needs an eligible pool larger than num_routed)
-    fork_max: int = 4                      # latest fork block (inclusive); drawn uniformly per group
+    num_blocks: int = 8                    # blocks per video (the chunk ends with the video)
+    fork_min: int = 5                      # earliest fork block (needs an eligible pool larger than num_routed)
+    fork_max: int = 6                      # latest fork block (inclusive); drawn uniformly per group
     perturbed_blocks: int = 1              # P: blocks generated with routed KV after the fork
     num_branches: int = 4                  # G: routed branches per group (plus one unperturbed anchor)
-    num_routed: int = 1                    # older frames each branch routes in
+    num_routed: Optional[int] = None       # older frames each branch routes in; None: window - sink - nearest
     sampler: str = "chr"                   # route sampler: chr (causal-history routing) | uniform
     groups_per_step: int = 1               # groups (prompts) per optimizer step, split across ranks
     latent_height: int = 8                 # latent grid height
     latent_width: int = 8                  # latent grid width
     num_prompts: int = 4                   # synthetic prompts (fixed random embeddings) when no prompt file is given
     prompt_length: int = 8                 # tokens per synthetic prompt embedding
+    prompts_file: Optional[str] = None     # .pt file with precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
 
 
 @dataclass
@@ -77,7 +87,8 @@ class ReplayConfig:
     grad_steps: int = 2                    # gradients flow through the first k denoising steps of each block only
     step_weights: Optional[List[float]] = None  # per-step energy weights [K]; None: all 1
     blocks: str = "perturbed"              # replayed blocks: perturbed (the P routed ones) | chunk (fork to end)
-    energy_scale: float = 1.0              # multiplies the energies (E uses the mean over elements; see objective)
+    energy_scale: float = 100.0            # multiplies E (a mean over elements): sets how peaked pi_theta is
+    energy_backend: str = "auto"           # kernel backend of velocity_energy (auto | cuda | triton | cpu | torch)
 
 
 @dataclass
@@ -98,12 +109,12 @@ class RewardConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4                       # AdamW learning rate
+    lr: float = 1e-3                       # AdamW learning rate
     weight_decay: float = 0.0              # AdamW weight decay
     betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float = 1.0                 # clip the global gradient norm to this (0: off)
     ema_decay: float = 0.0                 # EMA of the trainable weights (0: off), kept in checkpoints
-    updates_per_rollout: int = 1           # PPO epochs: updates on each rollout
+    updates_per_rollout: int = 2           # PPO epochs: updates on each rollout
     old_sync_every: int = 1                # copy the policy into the old (rollout) policy every N rollouts
 
 
@@ -118,6 +129,11 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
+    def num_routed(self) -> int:
+        s = self.streaming
+        default = max(0, s.window_frames - s.sink_frames - s.nearest_frames)
+        return default if self.rollout.num_routed is None else self.rollout.num_routed
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -130,11 +146,13 @@ class TrainConfig:
                              f"{r.perturbed_blocks}) must be <= num_blocks ({r.num_blocks})")
         if r.num_branches < 2:
             raise ValueError(f"rollout.num_branches must be >= 2, got {r.num_branches}")
-        first_end = (r.fork_min + 1) * s.frames_per_block
-        pool = first_end - s.nearest_frames - s.sink_frames
-        if pool <= r.num_routed:
-            raise ValueError(f"rollout.fork_min: at block {r.fork_min} the eligible pool has {pool} frames, not more "
-                             f"than rollout.num_routed={r.num_routed}; branches would not differ. Fork later.")
+        routed = self.num_routed()
+        for fork in (r.fork_min, r.fork_max):
+            pool = s.route_pool_size(fork, r.perturbed_blocks)
+            if pool <= routed:
+                raise ValueError(f"rollout.fork_min/fork_max: forking at block {fork} leaves an eligible pool of {pool}"
+                                 f" frames, not more than num_routed={routed}: the branches could not differ "
+                                 f"(fork later, or raise streaming.cache_frames)")
         if r.sampler not in ("chr", "uniform"):
             raise ValueError(f"rollout.sampler must be 'chr' or 'uniform', got {r.sampler!r}")
         if self.replay.blocks not in ("perturbed", "chunk"):
@@ -167,6 +185,11 @@ def _merge(instance, updates: Dict[str, Any], where: str):
             changes[key] = _merge(current, value, f"{where}{key}.")
         elif isinstance(current, tuple) and isinstance(value, list):
             changes[key] = tuple(value)
+        elif isinstance(current, float) and not isinstance(value, bool) and isinstance(value, (int, str)):
+            try:  # YAML 1.1 reads "1e-3" as a string
+                changes[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{where}{key}: expected a number, got {value!r}") from None
         else:
             changes[key] = value
     return dataclasses.replace(instance, **changes)
@@ -181,8 +204,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "streaming": {"frames_per_block": 3, "sink_frames": 3, "window_frames": 12, "nearest_frames": 4},
         "rollout": {"num_blocks": 7, "fork_min": 3, "fork_max": 5, "perturbed_blocks": 2, "num_branches": 8,
                     "num_routed": 5, "latent_height": 60, "latent_width": 104, "prompt_length": 512},
-        "replay": {"grad_steps": 2},
-        "optim": {"lr": 1e-5, "ema_decay": 0.999},
+        "replay": {"grad_steps": 2, "energy_scale": 1.0},
+        "optim": {"lr": 1e-5, "ema_decay": 0.999, "updates_per_rollout": 1},
         "run": {"steps": 500, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},
     },
 }

@@ -1,0 +1,16 @@
+"""Thin KVPO GRPO trainer on the group KV cache, the route samplers and the diffusers streaming generator.
+
+    kvpo-train --preset tiny            # random 2-layer Wan, synthetic reward, CPU, about a minute
+    kvpo-train --config run.yaml        # your own; see config.py for every field
+    kvpo-plot runs/kvpo/metrics.jsonl -o curves.png
+
+From Python: ``Trainer(load_config("tiny"), reward_fn=my_reward).train()``.
+"""
+from .config import PRESETS, TrainConfig, load_config
+from .loop import Trainer
+from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
+from .rewards import BrightnessReward, CombinedReward, LinearDecoder, RewardFn, TemporalSmoothnessReward
+
+__all__ = ["PRESETS", "TrainConfig", "load_config", "Trainer", "anchor_relative_advantages", "branch_log_likelihood",
+           "kvpo_loss", "step_temperatures", "RewardFn", "BrightnessReward", "TemporalSmoothnessReward",
+           "CombinedReward", "LinearDecoder"]

@@ -1,0 +1,343 @@
+"""The training loop: rollout -> rewards -> advantages -> replay -> Gibbs-PPO update, with checkpoints and metrics.
+
+One optimizer step (``Trainer.train_step``):
+
+1. every ``optim.old_sync_every`` rollouts the old (rollout) policy becomes a copy of the policy;
+2. each rank rolls out its share of the step's groups with the old policy (``rollout.group_rollout``), seeded by
+   (run seed, step, global group index), so any number of ranks sees the same data;
+3. rewards of the chunk ("local") and of the whole video ("global") -> anchor-relative advantages ``[G]``;
+4. branch log-likelihoods from TVE replays: the policy's (with graph), the old policy's and the initial
+   (reference) policy's (no graph; skipped when equal to the policy's);
+5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward, gradients summed over ranks,
+   non-finite check (skip the step, log it, leave the weights, optimizer and checkpoint untouched), norm clipping,
+   AdamW, EMA.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, save_config
+from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier, local_groups
+from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
+from .rewards import RewardFn, build_reward
+from .rollout import group_rollout, replay_energies
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_transformer(config: TrainConfig):
+    """The WanTransformer3DModel: pretrained (``model.pretrained``) or a random one of the configured geometry."""
+    from diffusers import WanTransformer3DModel
+
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    if m.pretrained is not None:
+        return WanTransformer3DModel.from_pretrained(m.pretrained, subfolder=m.subfolder, torch_dtype=dtype)
+    frames = config.rollout.num_blocks * config.streaming.frames_per_block
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=m.num_attention_heads, attention_head_dim=m.attention_head_dim,
+            in_channels=m.latent_channels, out_channels=m.latent_channels, text_dim=m.text_dim, freq_dim=m.freq_dim,
+            ffn_dim=m.ffn_dim, num_layers=m.num_layers, rope_max_seq_len=max(64, 2 * frames))
+    # (float32 is the construction dtype: no cast, which diffusers would warn about)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and info.world_size > 1:
+        return torch.device(f"cuda:{info.local_rank}")
+    return torch.device(name)
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+class Trainer:
+    """KVPO GRPO on a streaming Wan generator.
+
+    config: a validated :class:`TrainConfig`. Optional overrides for use from Python: ``transformer`` (a
+    WanTransformer3DModel, e.g. with LoRA adapters), ``reward_fn`` (any :class:`RewardFn`; then the component weights
+    default to 1), ``prompt_embeds`` (``[P, L, text_dim]``), ``dist`` (from :func:`init_distributed`).
+    """
+
+    def __init__(self, config: TrainConfig, *, transformer=None, reward_fn: Optional[RewardFn] = None,
+                 prompt_embeds: Optional[torch.Tensor] = None, dist: Optional[DistInfo] = None):
+        from ..integrations.diffusers import StreamingConfig, StreamingWanGenerator
+
+        self.config = config.validate()
+        self.dist = dist or DistInfo()
+        self.device = resolve_device(config.run.device, self.dist)
+        self.transformer = (transformer if transformer is not None else build_transformer(config)).to(self.device)
+        s = config.streaming
+        self.gen = StreamingWanGenerator(
+            self.transformer, StreamingConfig(frames_per_block=s.frames_per_block, sink_frames=s.sink_frames,
+                                              window_frames=s.window_frames, nearest_frames=s.nearest_frames,
+                                              timesteps=tuple(s.timesteps), shift=s.shift,
+                                              cache_frames=s.cache_frames, latent_height=config.rollout.latent_height,
+                                              latent_width=config.rollout.latent_width),
+            backend=config.model.backend)
+        tcfg = self.transformer.config
+        self.latent_shape = (tcfg.in_channels, config.rollout.latent_height, config.rollout.latent_width)
+
+        # Trainable parameters: all, or those whose name contains one of model.trainable; the rest is frozen.
+        self.trainable = []
+        for name, param in self.transformer.named_parameters():
+            keep = not config.model.trainable or any(key in name for key in config.model.trainable)
+            param.requires_grad_(keep)
+            if keep:
+                self.trainable.append(param)
+        if not self.trainable:
+            raise ValueError(f"model.trainable={config.model.trainable} selects no parameter")
+
+        self.prompts = self._prompts(prompt_embeds, tcfg.text_dim).to(self.device, next(self.transformer.parameters()).dtype)
+        if reward_fn is None:
+            reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed)
+            weights = [float(spec.get("weight", 1.0)) for spec in config.reward.components]
+        else:
+            weights = [1.0] * len(reward_fn.names)
+        self.reward_fn = reward_fn
+        self.component_weights = torch.tensor(weights, dtype=torch.float64)
+        self.step_weights = (None if config.replay.step_weights is None
+                             else torch.tensor(config.replay.step_weights, dtype=torch.float32))
+
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.ema = [p.detach().clone() for p in self.trainable] if o.ema_decay > 0 else None
+        self.old = [p.detach().clone() for p in self.trainable]
+        self.ref = [p.detach().clone() for p in self.trainable] if config.objective.beta != 0 else None
+        # Versions tell when the old / reference weights equal the policy's, which saves their replays.
+        self.version = 0          # optimizer steps taken
+        self.old_version = 0      # the version the old policy was copied from
+        self.step = 0             # train steps done (skipped ones included: their rollouts were consumed)
+        self.rollouts = 0         # rollouts done (old-policy sync counter)
+        self.metrics_path = os.path.join(config.run.output_dir, "metrics.jsonl")
+        self.checkpoint_path = os.path.join(config.run.output_dir, "checkpoint.pt")
+
+    # ---------------------------------------------------------------------------------------------- set-up helpers
+    def _prompts(self, prompt_embeds: Optional[torch.Tensor], text_dim: int) -> torch.Tensor:
+        r = self.config.rollout
+        if prompt_embeds is None and r.prompts_file is not None:
+            prompt_embeds = torch.load(r.prompts_file, map_location="cpu")
+        if prompt_embeds is None:
+            gen = torch.Generator().manual_seed(self.config.run.seed + 1)
+            prompt_embeds = torch.randn(r.num_prompts, r.prompt_length, text_dim, generator=gen)
+        if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != text_dim:
+            raise ValueError(f"prompt_embeds must be [P, L, {text_dim}], got {tuple(prompt_embeds.shape)}")
+        return prompt_embeds
+
+    @contextmanager
+    def _weights(self, state: Optional[List[torch.Tensor]]):
+        """Run with `state` as the trainable weights (a pointer swap, no copy); None: the policy's own."""
+        if state is None:
+            yield
+            return
+        with torch.no_grad():
+            for i, param in enumerate(self.trainable):
+                param.data, state[i] = state[i], param.data
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for i, param in enumerate(self.trainable):
+                    param.data, state[i] = state[i], param.data
+
+    def _group_rng(self, group: int) -> torch.Generator:
+        # Distinct, reproducible streams per (run seed, step, global group index): independent of rank count.
+        return torch.Generator().manual_seed((self.config.run.seed * 1_000_003 + self.step * 10_007 + group) % 2**63)
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def _replay(self, rollout, *, grad: bool) -> torch.Tensor:
+        r, p = self.config.replay, self.config.rollout
+        blocks = rollout.perturbed_blocks if r.blocks == "perturbed" else p.num_blocks - rollout.fork_block
+        with torch.set_grad_enabled(grad):
+            return replay_energies(self.gen, rollout, num_blocks=blocks, grad_steps=r.grad_steps,
+                                   step_weights=self.step_weights, energy_scale=r.energy_scale,
+                                   backend=r.energy_backend)
+
+    def train_step(self) -> Dict:
+        """One optimizer step (or ``updates_per_rollout`` of them on one rollout); returns the step's metrics."""
+        cfg, start = self.config, time.time()
+        r = cfg.rollout
+        if self.rollouts % cfg.optim.old_sync_every == 0 and self.old_version != self.version:
+            for old, param in zip(self.old, self.trainable):
+                old.copy_(param.detach())
+            self.old_version = self.version
+        old_is_policy = self.old_version == self.version
+        groups = local_groups(r.groups_per_step, self.dist)
+
+        data = []
+        for group in groups:
+            rng = self._group_rng(group)
+            prompt_id = int(torch.randint(self.prompts.shape[0], (1,), generator=rng))
+            fork = int(torch.randint(r.fork_min, r.fork_max + 1, (1,), generator=rng))
+            with self._weights(None if old_is_policy else self.old):
+                rollout = group_rollout(self.gen, self.prompts[prompt_id:prompt_id + 1], prompt_id=prompt_id,
+                                        num_blocks=r.num_blocks, fork_block=fork, perturbed_blocks=r.perturbed_blocks,
+                                        num_branches=r.num_branches, num_routed=cfg.num_routed(),
+                                        latent_shape=self.latent_shape, rng=rng, sampler=r.sampler)
+                energy_old = None if old_is_policy else self._replay(rollout, grad=False)
+            ids = torch.full((r.num_branches + 1,), prompt_id, dtype=torch.long)
+            with torch.no_grad():
+                local = self.reward_fn(rollout.chunk, ids).double().cpu()
+                global_ = self.reward_fn(rollout.video(), ids).double().cpu()
+            o = cfg.objective
+            advantages = anchor_relative_advantages(local, global_, self.component_weights,
+                                                    signal_weights=(o.local_weight, o.global_weight),
+                                                    clamp=o.advantage_clamp)
+            energy_ref = None
+            if self.ref is not None and self.version != 0:
+                with self._weights(self.ref):
+                    energy_ref = self._replay(rollout, grad=False)
+            data.append(dict(rollout=rollout, advantages=advantages, energy_old=energy_old, energy_ref=energy_ref,
+                             reward=(global_ * self.component_weights).sum(1), fork=fork))
+        self.rollouts += 1
+
+        for update in range(cfg.optim.updates_per_rollout):
+            record = self._update(data, groups)
+        record.update(step=self.step + 1, time_s=time.time() - start, old_is_policy=old_is_policy)
+        self.step += 1
+        return record
+
+    def _update(self, data: List[Dict], groups: List[int]) -> Dict:
+        cfg = self.config
+        o, total_groups = cfg.objective, cfg.rollout.groups_per_step
+        self.optimizer.zero_grad(set_to_none=False)
+        sums = {key: 0.0 for key in ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "scale",
+                                     "reward_mean", "reward_anchor", "reward_best", "advantage_mean",
+                                     "advantage_abs", "energy_mean", "fork_block")}
+        for item in data:
+            rollout = item["rollout"]
+            tau = step_temperatures(rollout.sigmas.double()).to(self.device)
+            energy = self._replay(rollout, grad=True)
+            logl = branch_log_likelihood(energy.double(), tau)
+            if item["energy_old"] is None:  # the old policy is the policy: its energies are this replay's, detached
+                item["energy_old"] = energy.detach()
+            logl_old = branch_log_likelihood(item["energy_old"].double(), tau)
+            if self.ref is not None and item["energy_ref"] is None:  # still the initial policy (first update)
+                item["energy_ref"] = energy.detach()
+            energy_ref = item["energy_ref"]
+            logl_ref = None if energy_ref is None else branch_log_likelihood(energy_ref.double(), tau)
+            terms = kvpo_loss(logl, logl_old, logl_ref, item["advantages"].to(self.device), clip_low=o.clip_low,
+                              clip_high=o.clip_high, beta=o.beta)
+            (terms.loss / total_groups).backward()
+            reward = item["reward"]
+            for key, value in (("loss", terms.loss), ("policy_loss", terms.policy_loss), ("kl", terms.kl),
+                               ("clip_fraction", terms.clip_fraction), ("ratio_mean", terms.ratio_mean),
+                               ("entropy", terms.entropy), ("scale", terms.scale),
+                               ("reward_mean", reward.mean()), ("reward_anchor", reward[-1]),
+                               ("reward_best", reward[:-1].max()), ("advantage_mean", item["advantages"].mean()),
+                               ("advantage_abs", item["advantages"].abs().mean()), ("energy_mean", energy.mean())):
+                sums[key] += float(value.detach())
+            sums["fork_block"] += item["fork"]
+
+        # Sum over ranks (each rank's loss was already divided by the global group count: this is the mean).
+        for param in self.trainable:  # a parameter the loss does not reach still takes part in the all-reduce
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grads = [p.grad for p in self.trainable]
+        all_reduce_sum_(grads, self.dist)
+        keys = list(sums)
+        totals = all_reduce_scalars([sums[k] for k in keys], self.dist, self.device)
+        record = {k: v / total_groups for k, v in zip(keys, totals)}
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")))
+        # Identical on every rank (all-reduced), so every rank takes the same decision.
+        finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+        record.update(grad_norm=_finite_or_none(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
+                      skipped=not finite)
+        if not finite:
+            record["skip_reason"] = "non-finite loss" if not math.isfinite(record["loss"]) else "non-finite gradient"
+            self.optimizer.zero_grad(set_to_none=False)
+        else:
+            self.optimizer.step()
+            self.version += 1
+            if self.ema is not None:
+                decay = cfg.optim.ema_decay
+                with torch.no_grad():
+                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.trainable], 1.0 - decay)
+        return {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
+
+    # ------------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> Dict:
+        return {"step": self.step, "rollouts": self.rollouts, "version": self.version, "old_version": self.old_version,
+                "model": self.transformer.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema, "old": self.old, "ref": self.ref, "rng": rng_state(),
+                "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.transformer.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name in ("ema", "old", "ref"):
+            mine, saved = getattr(self, name), state[name]
+            if (mine is None) != (saved is None):
+                raise ValueError(f"checkpoint: {name} state present in only one of the checkpoint and the config")
+            if mine is not None:
+                for dst, src in zip(mine, saved):
+                    dst.copy_(src)
+        self.step, self.rollouts = state["step"], state["rollouts"]
+        self.version, self.old_version = state["version"], state["old_version"]
+        set_rng_state(state["rng"])
+
+    def save(self, path: Optional[str] = None) -> None:
+        if self.dist.is_main:
+            save_checkpoint(path or self.checkpoint_path, self.state_dict())
+        barrier(self.dist)
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        path = path or self.checkpoint_path
+        if not os.path.exists(path):
+            return False
+        self.load_state_dict(load_checkpoint(path, map_location=str(self.device)))
+        return True
+
+    # -------------------------------------------------------------------------------------------------- the run
+    def _log(self, record: Dict) -> None:
+        if self.dist.is_main:
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def train(self, steps: Optional[int] = None, callback: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
+        """Run until ``steps`` (default run.steps) train steps are done; returns this call's step records."""
+        cfg = self.config
+        total = cfg.run.steps if steps is None else steps
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        resumed = cfg.run.resume and self.resume()
+        if self.dist.is_main:
+            save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+        self._log({"event": "start", "resumed_at": self.step if resumed else None,
+                   "world_size": self.dist.world_size, "device": str(self.device)})
+        records = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=min(self.step, total), desc="kvpo-train", unit="step",
+                   disable=not (cfg.run.progress and self.dist.is_main), dynamic_ncols=True)
+        while self.step < total:
+            record = self.train_step()
+            records.append(record)
+            self._log(record)
+            if callback is not None:
+                callback(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.4f}" if record["reward_mean"] is not None else "nan",
+                            loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan",
+                            **({"skipped": "yes"} if record["skipped"] else {}))
+            # A skipped step never writes a checkpoint (and left the state as it was before the step).
+            every = cfg.run.checkpoint_every
+            if every and self.step % every == 0 and not record["skipped"]:
+                self.save()
+        bar.close()
+        if records and not records[-1]["skipped"]:
+            self.save()
+        return records
