@@ -470,3 +470,11 @@ def test_wan_1_3b_config_and_key_mapping_round_trip():
     converted = convert_causal_wan_state_dict({"model." + k: v for k, v in original.items()})
     assert set(converted) == set(names)
     assert all(converted[k] is names[k] for k in names)
+    # The default StreamingConfig is LongLive on 480 x 832 video: 1560 tokens per frame, 14-frame route pools.
+    gen = StreamingWanGenerator(model, StreamingConfig())
+    cache = gen.new_cache(1)
+    assert cache.frame_tokens == 1560 and cache.num_layers == 30 and gen.num_routed == 5
+    for _ in range(7):
+        cache.append_frames()
+        cache.evict()
+    assert gen.route_pool(cache, 7) == list(range(6, 20))

@@ -36,10 +36,10 @@ Plugging into your own transformer (a KVPO group: rollout to frame 21, fork, 8 r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import numbers
 import os
 import re
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -59,7 +59,7 @@ WAN_T2V_1_3B_CONFIG = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class StreamingConfig:
     """Geometry and sampler of a streaming rollout (defaults: LongLive on Wan2.1-T2V-1.3B at 480x832)."""
 
@@ -108,7 +108,7 @@ class BlockRollout(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------- processor
-@dataclass
+@dataclasses.dataclass
 class _BlockContext:
     """What the self-attention layers need during one streaming forward (same for every layer)."""
 
@@ -254,7 +254,7 @@ class StreamingWanGenerator:
                      window_frames=config.window_frames, nearest_frames=config.nearest_frames,
                      cache_frames=config.cache_frames, device="meta")
         self.transformer = transformer
-        self.config = config
+        self.config = dataclasses.replace(config)  # a copy: the default instance is shared between generators
         self.backend = backend
         self._state = install_routed_attention(transformer, backend=backend)
         self.sigmas = config.sigmas()
