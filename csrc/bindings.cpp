@@ -68,6 +68,8 @@ void bind_velocity_energy(py::module_& m) {
             reinterpret_cast<void*>(grad_target), chunk, stream);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("velocity_energy_cuda_blocks_per_sm",
+        [](int dtype) { return kvpo::velocity_energy_cuda_blocks_per_sm(static_cast<kvpo::DType>(dtype)); });
 #endif
 }
 

@@ -41,5 +41,7 @@ void velocity_energy_forward_cuda(const VelocityEnergyArgs& args, void* energy, 
                                   int64_t chunk, std::uintptr_t stream);
 void velocity_energy_backward_cuda(const VelocityEnergyArgs& args, const void* grad_e, int64_t g_sb, int64_t g_st,
                                    void* grad_pred, void* grad_target, int64_t chunk, std::uintptr_t stream);
+// Forward blocks of one SM that run at once on the current device (the launcher sizes `splits` to one wave).
+int velocity_energy_cuda_blocks_per_sm(DType dtype);
 
 }  // namespace kvpo

@@ -272,6 +272,25 @@ void backward(const VelocityEnergyArgs& a, const float* grad_e, int64_t g_sb, in
 
 }  // namespace
 
+int velocity_energy_cuda_blocks_per_sm(DType dtype) {
+  int blocks = 0;
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, forward_kernel<float, false>, kThreads, 0);
+      break;
+    case DType::kBFloat16:
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, forward_kernel<__nv_bfloat16, false>, kThreads, 0);
+      break;
+    case DType::kFloat16:
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, forward_kernel<__half, false>, kThreads, 0);
+      break;
+    default: throw std::invalid_argument("velocity_energy_cuda_blocks_per_sm: fp32, bf16 and fp16 only");
+  }
+  if (err != cudaSuccess) throw std::runtime_error(std::string("velocity_energy occupancy: ") + cudaGetErrorString(err));
+  return blocks;
+}
+
 void velocity_energy_forward_cuda(const VelocityEnergyArgs& args, void* energy, float* partials, int64_t splits,
                                   int64_t chunk, std::uintptr_t stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);

@@ -16,6 +16,7 @@ Gradients come back contiguous.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional, Tuple
@@ -35,8 +36,8 @@ _SUPPORTED_DTYPES = {
     "torch": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
 }
 # CUDA forward: each block streams a chunk that is a multiple of 256 threads x one 16-byte vector x 4 loads in
-# flight; about 8 blocks per SM in total. Backward: fixed 8192-element chunks (one 16-byte vector per thread, x4).
-_CUDA_THREADS, _CUDA_UNROLL, _CUDA_BLOCKS_PER_SM, _CUDA_BACKWARD_CHUNK = 256, 4, 8, 8192
+# flight, and the blocks of all rows fill the GPU once. Backward: fixed 8192-element chunks per block.
+_CUDA_THREADS, _CUDA_UNROLL, _CUDA_BACKWARD_CHUNK = 256, 4, 8192
 
 
 def _energy_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,12 +144,21 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_slots(device_index: int, dtype: torch.dtype) -> int:
+    """Forward blocks resident on the whole GPU at once (occupancy x SMs)."""
+    module, _ = native_extension()
+    with torch.cuda.device(device_index):
+        per_sm = module.velocity_energy_cuda_blocks_per_sm(_DTYPE_CODES[dtype])
+    return max(1, per_sm) * _sm_count(device_index)
+
+
 def _cuda_forward_partition(pred: torch.Tensor, n: int, rows: int) -> Tuple[int, int]:
-    """(splits, chunk): enough blocks to fill the GPU, each chunk a whole number of 16-byte vector sweeps."""
+    """(splits, chunk): at most one wave of blocks, each chunk a whole number of sweeps of 16-byte vectors."""
     unit = _CUDA_THREADS * (16 // pred.element_size()) * _CUDA_UNROLL
-    sms = sm_count(pred.device)
+    index = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
     units = -(-n // unit)
-    splits = max(1, min(units, -(-_CUDA_BLOCKS_PER_SM * sms // rows)))
+    splits = max(1, min(units, _cuda_slots(index, pred.dtype) // rows))
     chunk = -(-units // splits) * unit
     return -(-n // chunk), chunk
 
@@ -193,21 +203,30 @@ def _native_backward(grad, pred, target, weight, mean: bool, backend: str, need_
     return grad_pred, grad_target
 
 
+def _device_guard(device: torch.device):
+    """Make the inputs' GPU current (kernels launch on the current device, with its current stream)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _forward(pred, target, weight, mean: bool, backend: str) -> torch.Tensor:
     pred, target = _rows(pred), _rows(target)
-    if backend == "triton":
-        from ..triton.velocity_energy import velocity_energy_forward
-        return velocity_energy_forward(pred, target, weight, mean)
-    return _native_forward(pred, target, weight, mean, backend)
+    with _device_guard(pred.device):
+        if backend == "triton":
+            from ..triton.velocity_energy import velocity_energy_forward
+            return velocity_energy_forward(pred, target, weight, mean)
+        return _native_forward(pred, target, weight, mean, backend)
 
 
 def _backward(grad, pred, target, weight, mean: bool, backend: str, need_pred: bool, need_target: bool):
     pred, target = _rows(pred), _rows(target)
     grad = grad.to(_energy_dtype(pred.dtype))
-    if backend == "triton":
-        from ..triton.velocity_energy import velocity_energy_backward
-        return velocity_energy_backward(grad, pred, target, weight, mean, need_pred, need_target)
-    return _native_backward(grad, pred, target, weight, mean, backend, need_pred, need_target)
+    with _device_guard(pred.device):
+        if backend == "triton":
+            from ..triton.velocity_energy import velocity_energy_backward
+            return velocity_energy_backward(grad, pred, target, weight, mean, need_pred, need_target)
+        return _native_backward(grad, pred, target, weight, mean, backend, need_pred, need_target)
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
