@@ -201,8 +201,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # LongLive / Self-Forcing geometry on a pretrained causal Wan2.1-T2V-1.3B (GPU; pass model.pretrained).
     "wan1.3b": {
         "model": {"pretrained": None, "dtype": "bfloat16", "latent_channels": 16},
-        "streaming": {"frames_per_block": 3, "sink_frames": 3, "window_frames": 12, "nearest_frames": 4},
-        "rollout": {"num_blocks": 7, "fork_min": 3, "fork_max": 5, "perturbed_blocks": 2, "num_branches": 8,
+        "streaming": {"frames_per_block": 3, "sink_frames": 3, "window_frames": 12, "nearest_frames": 4,
+                      "cache_frames": 21},
+        # forks at frame >= 21, as LongLive-KVPO: the route pool then holds 14 (P = 1) or 11 (P = 2) older frames
+        "rollout": {"num_blocks": 10, "fork_min": 7, "fork_max": 8, "perturbed_blocks": 2, "num_branches": 8,
                     "num_routed": 5, "latent_height": 60, "latent_width": 104, "prompt_length": 512},
         "replay": {"grad_steps": 2, "energy_scale": 1.0},
         "optim": {"lr": 1e-5, "ema_decay": 0.999, "updates_per_rollout": 1},
