@@ -360,7 +360,7 @@ def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
                  prune_configs_by=_fitting_configs("BLOCK_N"))
 @triton.jit
 def _routed_attention_dkdv_pool_kernel(
-    DKc, DVc, Q, DO, Lse, Delta, Kc, Vc, Readers, ReaderPtr,
+    DKc, DVc, Q, DO, Lse, Delta, Kc, Vc, Readers, ReaderPtr, BlockOrder,
     stride_dkn, stride_dks, stride_dkh,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_dob, stride_dom, stride_doh, stride_dod,
@@ -376,11 +376,11 @@ def _routed_attention_dkdv_pool_kernel(
     ``Readers[ReaderPtr[n]:ReaderPtr[n + 1]]`` lists the sequence of each table entry holding block n, in
     (sequence, table position) order: a fixed summation order, so a shared block's gradient is bitwise repeatable,
     and each output tile has exactly one writer (no atomics). A block read twice by one sequence appears twice.
-    Blocks nobody reads get zeros.
+    Blocks nobody reads get zeros. Grid axis 2 walks ``BlockOrder`` (most-read blocks first).
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
-    blk = tl.program_id(2).to(tl.int64)
+    blk = tl.load(BlockOrder + tl.program_id(2)).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -494,12 +494,13 @@ def routed_attention_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 def block_readers(block_table: torch.Tensor, block_counts: torch.Tensor,
-                  num_blocks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                  num_blocks: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse block map in CSR form, built on the device with no host sync.
 
-    Returns ``readers`` int32 [E] and ``reader_ptr`` int32 [N + 1]: the sequences reading block n are
-    ``readers[reader_ptr[n]:reader_ptr[n + 1]]``, in (sequence, table position) order (a stable sort of the
-    row-major table), one entry per table entry, so a block listed twice by one sequence appears twice.
+    Returns ``readers`` int32 [E], ``reader_ptr`` int32 [N + 1] and ``block_order`` int32 [N]: the sequences
+    reading block n are ``readers[reader_ptr[n]:reader_ptr[n + 1]]``, in (sequence, table position) order (a
+    stable sort of the row-major table), one entry per table entry, so a block listed twice by one sequence
+    appears twice. ``block_order`` lists the blocks by decreasing number of readers (the launch order).
     """
     batch, max_blocks = block_table.shape
     device = block_table.device
@@ -509,7 +510,10 @@ def block_readers(block_table: torch.Tensor, block_counts: torch.Tensor,
     sorted_ids, order = torch.sort(ids, stable=True)
     readers = torch.div(order, max(max_blocks, 1), rounding_mode="floor").to(torch.int32)
     reader_ptr = torch.searchsorted(sorted_ids, torch.arange(num_blocks + 1, device=device)).to(torch.int32)
-    return readers, reader_ptr
+    # Launch the most-read blocks first (sink frames are read by every branch): the long programs then overlap with
+    # the short ones instead of forming a tail.
+    block_order = torch.argsort(reader_ptr[1:] - reader_ptr[:-1], descending=True, stable=True).to(torch.int32)
+    return readers, reader_ptr, block_order
 
 
 def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor,
@@ -559,10 +563,10 @@ def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], 
             q_len, new_len, block_size, group, softmax_scale, qk_scale, HAS_NEW=new_len > 0, **common,
         )
     if need_dcache and num_blocks > 0:
-        readers, reader_ptr = block_readers(block_table, block_counts, num_blocks)
+        readers, reader_ptr, block_order = block_readers(block_table, block_counts, num_blocks)
         grid = lambda meta: (triton.cdiv(block_size, meta["BLOCK_N"]), kv_heads, num_blocks)  # noqa: E731
         _routed_attention_dkdv_pool_kernel[grid](
-            dk_cache, dv_cache, q, dout, lse, delta, k_cache, v_cache, readers, reader_ptr,
+            dk_cache, dv_cache, q, dout, lse, delta, k_cache, v_cache, readers, reader_ptr, block_order,
             dk_cache.stride(0), dk_cache.stride(1), dk_cache.stride(2),
             *q.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
             *k_cache.stride(), *v_cache.stride(),
