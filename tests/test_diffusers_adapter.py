@@ -275,8 +275,17 @@ def test_processor_outside_streaming_is_diffusers_own():
     t = torch.tensor([500.0, 20.0])
     prompt = torch.randn(2, 5, 32)
     before = model(x, t, prompt, return_dict=False)[0]
-    StreamingWanGenerator(model, GEOMETRIES["longlive"], backend="torch")
+    gen = StreamingWanGenerator(model, GEOMETRIES["longlive"], backend="torch")
     assert torch.equal(model(x, t, prompt, return_dict=False)[0], before)
+    # A second generator on the same transformer shares the processors; both keep working.
+    other = StreamingWanGenerator(model, GEOMETRIES["longlive"], backend="torch")
+    first = gen.predict_x0(gen.new_cache(2), 0, x, 0.5, prompt)
+    assert torch.equal(other.predict_x0(other.new_cache(2), 0, x, 0.5, prompt), first)
+    # Replacing the processors behind the generators' back is detected, not silently wrong.
+    model.set_attn_processor(WanAttnProcessor())
+    assert torch.equal(model(x, t, prompt, return_dict=False)[0], before)
+    with pytest.raises(RuntimeError, match="processors were replaced"):
+        gen.predict_x0(gen.new_cache(2), 0, x, 0.5, prompt)
 
 
 def _to_original_names(state_dict):
@@ -373,6 +382,8 @@ def test_bad_arguments():
         gen.predict_x0(cache, 0, x, torch.ones(3), prompt)
     with pytest.raises(ValueError, match="block_index"):
         gen.predict_x0(cache, -1, x, 1.0, prompt)
+    with pytest.raises(TypeError, match="block_index"):
+        gen.predict_x0(cache, 1.0, x, 1.0, prompt)
     with pytest.raises(TypeError, match="cache"):
         gen.predict_x0(None, 0, x, 1.0, prompt)
     with pytest.raises(ValueError, match="not in the cache"):

@@ -117,13 +117,13 @@ class _BlockContext:
     block_counts: torch.Tensor        # int32 [B]
     rotary: tuple                     # (cos, sin), each [1, f * S, 1, D] float32, at the block's frame offset
     write_ids: Optional[torch.Tensor]  # int64 [B, f] blocks to fill with this block's K/V, or None (read only)
+    backend: str                      # routed_attention backend
 
 
 class _StreamingState:
     """Shared by the processors of one transformer: the context of the streaming forward in progress, if any."""
 
-    def __init__(self, backend: str):
-        self.backend = backend
+    def __init__(self):
         self.context: Optional[_BlockContext] = None
 
     @contextlib.contextmanager
@@ -184,21 +184,33 @@ class RoutedWanAttnProcessor:
         # The cache builds the tables from resident blocks only, so the per-call host check of block ids (a
         # device sync in each of the model's layers) is skipped.
         out = routed_attention(query, k_cache, v_cache, context.block_table, context.block_counts,
-                               key, value, backend=self.state.backend, check_block_ids=False)
+                               key, value, backend=context.backend, check_block_ids=False)
         out = out.flatten(2, 3).to(out_dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
-def install_routed_attention(transformer, *, backend: str = "auto") -> _StreamingState:
+def _installed_state(transformer) -> Optional[_StreamingState]:
+    """The state shared by the transformer's routed processors, or None unless every self-attention has one."""
+    processors = [block.attn1.processor for block in transformer.blocks]
+    if processors and all(isinstance(p, RoutedWanAttnProcessor) and p.state is processors[0].state and
+                          p.layer_index == i for i, p in enumerate(processors)):
+        return processors[0].state
+    return None
+
+
+def install_routed_attention(transformer) -> _StreamingState:
     """Put a :class:`RoutedWanAttnProcessor` on every self-attention (``blocks[i].attn1``) of ``transformer``.
 
-    Returns the shared state the processors read; :class:`StreamingWanGenerator` drives it. Cross-attention
-    processors are not touched; outside a streaming forward the model computes exactly what it did before.
+    Returns the state the processors share (the installed one when they are already there, so several generators
+    can drive one transformer). Cross-attention processors are not touched; outside a streaming forward the model
+    computes exactly what it did before.
     """
-    state = _StreamingState(backend)
-    for index, block in enumerate(transformer.blocks):
-        block.attn1.set_processor(RoutedWanAttnProcessor(index, state))
+    state = _installed_state(transformer)
+    if state is None:
+        state = _StreamingState()
+        for index, block in enumerate(transformer.blocks):
+            block.attn1.set_processor(RoutedWanAttnProcessor(index, state))
     return state
 
 
@@ -256,7 +268,7 @@ class StreamingWanGenerator:
         self.transformer = transformer
         self.config = dataclasses.replace(config)  # a copy: the default instance is shared between generators
         self.backend = backend
-        self._state = install_routed_attention(transformer, backend=backend)
+        self._state = install_routed_attention(transformer)
         self.sigmas = config.sigmas()
 
     # ------------------------------------------------------------------------------------------------- helpers
@@ -295,8 +307,10 @@ class StreamingWanGenerator:
         return cache.route_pool(self._start(block_index), perturbed_blocks)
 
     def _start(self, block_index) -> int:
-        if isinstance(block_index, bool) or not isinstance(block_index, numbers.Integral) or block_index < 0:
-            raise ValueError(f"block_index must be a non-negative int, got {block_index!r}")
+        if isinstance(block_index, bool) or not isinstance(block_index, numbers.Integral):
+            raise TypeError(f"block_index must be an int, got {block_index!r}")
+        if block_index < 0:
+            raise ValueError(f"block_index must be >= 0, got {block_index}")
         return int(block_index) * self.config.frames_per_block
 
     def _check_block(self, cache, name: str, x: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -335,8 +349,11 @@ class StreamingWanGenerator:
         _, ph, pw = self.transformer.config.patch_size
         rotary = _block_rotary(self.transformer.rope, start, x.shape[2], x.shape[3] // ph, x.shape[4] // pw)
         rotary = tuple(r.to(x.device) for r in rotary)
-        context = _BlockContext(cache, table, counts, rotary, write_ids)
         transformer = self.transformer
+        if _installed_state(transformer) is not self._state:
+            raise RuntimeError("the transformer's self-attention processors were replaced after this generator "
+                               "installed its own (set_attn_processor?): build a new StreamingWanGenerator")
+        context = _BlockContext(cache, table, counts, rotary, write_ids, self.backend)
         patched = transformer.gradient_checkpointing and torch.is_grad_enabled()
         if patched:
             # A checkpointed block recomputes during backward, after this call returned: bind its context there
