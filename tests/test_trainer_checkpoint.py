@@ -1,0 +1,120 @@
+"""Checkpoints: resuming gives exactly the uninterrupted run's next-step loss; writes are atomic; a non-finite loss
+or gradient skips the step, is logged, and leaves the weights, the optimizer and the checkpoint untouched."""
+import json
+import os
+
+import pytest
+import torch
+
+from kvpo_kernels.trainer import checkpoint as ckpt
+from kvpo_kernels.trainer.config import load_config
+from kvpo_kernels.trainer.loop import Trainer
+from kvpo_kernels.trainer.rewards import BrightnessReward
+
+FAST = ["model.backend=torch", "replay.energy_backend=torch", "run.progress=false", "run.plot=false"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(out, *overrides):
+    # EMA on and an old policy synced every 2 rollouts, so that every piece of state matters for the next step.
+    return load_config("tiny", overrides=FAST + [f"run.output_dir={out}", "optim.ema_decay=0.9",
+                                                 "optim.old_sync_every=2", "rollout.num_branches=3"] + list(overrides))
+
+
+def _weights(trainer):
+    return [p.detach().clone() for p in trainer.transformer.parameters()]
+
+
+def test_resume_gives_the_same_next_step_loss(tmp_path):
+    straight = Trainer(tiny(tmp_path / "a")).train(steps=4)
+
+    Trainer(tiny(tmp_path / "b")).train(steps=3)  # writes checkpoint.pt at the end
+    resumed = Trainer(tiny(tmp_path / "b"))
+    resumed.transformer.proj_out.bias.data.add_(1.0)  # resume must overwrite whatever the fresh object holds
+    torch.manual_seed(12345)  # and the global RNG state comes from the checkpoint
+    after = resumed.train(steps=4)
+    assert len(after) == 1 and after[0]["step"] == 4
+    for key in ("loss", "policy_loss", "kl", "reward_mean", "grad_norm"):
+        assert after[0][key] == straight[3][key], key  # bitwise: same data, same state
+    reference = Trainer(tiny(tmp_path / "a"))
+    reference.resume()
+    for mine, theirs in zip(_weights(resumed), _weights(reference)):
+        assert torch.equal(mine, theirs)
+    for mine, theirs in zip(resumed.ema, reference.ema):
+        assert torch.equal(mine, theirs)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint(str(path), {"step": 1, "w": torch.randn(3)})
+    before = path.read_bytes()
+
+    def torn_save(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(str(path), {"step": 2})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(str(path))["step"] == 1
+
+
+class PoisonableReward(BrightnessReward):
+    """Brightness, but NaN for every sample while `poison` is set."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.poison = False
+
+    def __call__(self, latents, prompt_ids):
+        out = super().__call__(latents, prompt_ids)
+        return out * float("nan") if self.poison else out
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nonfinite_step_is_skipped_and_checkpoint_untouched(tmp_path, where):
+    config = tiny(tmp_path, "run.checkpoint_every=1")
+    reward = PoisonableReward(config.model.latent_channels)
+    trainer = Trainer(config, reward_fn=reward)
+    trainer.train(steps=2)
+    path = tmp_path / "checkpoint.pt"
+    saved = path.read_bytes()
+    weights = _weights(trainer)
+    adam_steps = [float(s["step"]) for s in trainer.optimizer.state.values()]
+    ema = [e.clone() for e in trainer.ema]
+
+    handle = None
+    if where == "loss":
+        reward.poison = True
+    else:
+        handle = trainer.transformer.proj_out.weight.register_hook(lambda g: g * float("inf"))
+    record = trainer.train(steps=3)[-1]
+    reward.poison = False
+    if handle is not None:
+        handle.remove()
+
+    assert record["skipped"] and record["skip_reason"] == f"non-finite {where}"
+    assert path.read_bytes() == saved
+    for before, after in zip(weights, _weights(trainer)):
+        assert torch.equal(before, after)
+    assert [float(s["step"]) for s in trainer.optimizer.state.values()] == adam_steps
+    assert all(torch.equal(a, b) for a, b in zip(ema, trainer.ema))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 3 and logged[-1]["skipped"] is True
+
+    # Training goes on normally afterwards and the next checkpoint is a clean one.
+    record = trainer.train(steps=4)[-1]
+    assert not record["skipped"] and path.read_bytes() != saved
+    state = ckpt.load_checkpoint(str(path))
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
