@@ -38,6 +38,7 @@ class Case:
     new_len: int = 0  # 0: no k_new / v_new
     index_dtype: torch.dtype = torch.int32
     q_layout: str = "contiguous"  # or "strided": q is a non-contiguous view
+    packed_kv: bool = False  # k_cache / v_cache are the two halves of one [N, S, 2, Hkv, D] tensor (strided views)
     lse_grad: bool = False  # also back-propagate a random gradient through lse
 
 
@@ -49,9 +50,9 @@ CASES = [
     # new chunk; uneven counts; int64 tables; gradient through lse too.
     Case("S257-Lq33-gqa12on4-D64-new", 257, 4, 33, 12, 4, 64, [[1, 3, 1], [0, 0, 0], [2, 1, 0]], [3, 0, 2],
          new_len=17, index_dtype=torch.int64, lse_grad=True),
-    # Tiny blocks, several query tiles, MHA, D = 128, non-contiguous q, every table entry a different count.
+    # Tiny blocks, several query tiles, MHA, D = 128, non-contiguous q and caches, uneven counts.
     Case("S7-Lq128-mha-D128-strided", 7, 6, 128, 2, 2, 128, [[5, 0, 3, 5, 1], [4, 4, 2, 0, 0]], [5, 3],
-         q_layout="strided"),
+         q_layout="strided", packed_kv=True),
     # One-token blocks, one query, 12 on 12 heads, odd head dim (padded to 64 with masks), new chunk.
     Case("S1-Lq1-mha12-D40-new", 1, 9, 1, 12, 12, 40, [[8, 0, 8, 3], [1, 2, 3, 4], [7, 7, 7, 7]], [4, 0, 2],
          new_len=3),
@@ -73,10 +74,17 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = DEVICE):
     else:
         q = torch.randn(shape_q, dtype=dtype, device=device)
     pool = (case.num_blocks, case.block_size, case.kv_heads, case.head_dim)
+    if case.packed_kv:
+        kv = torch.randn(case.num_blocks, case.block_size, 2, case.kv_heads, case.head_dim, dtype=dtype, device=device)
+        k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+        assert not k_cache.is_contiguous()
+    else:
+        k_cache = torch.randn(pool, dtype=dtype, device=device)
+        v_cache = torch.randn(pool, dtype=dtype, device=device)
     inputs = {
         "q": q,
-        "k_cache": torch.randn(pool, dtype=dtype, device=device),
-        "v_cache": torch.randn(pool, dtype=dtype, device=device),
+        "k_cache": k_cache,
+        "v_cache": v_cache,
         "block_table": torch.tensor(case.table, dtype=case.index_dtype, device=device),
         "block_counts": None if case.counts is None else torch.tensor(case.counts, dtype=case.index_dtype,
                                                                        device=device),
@@ -202,6 +210,19 @@ def test_caches_without_grad_get_none_and_no_pool_work(monkeypatch):
     out.sum().backward()
     assert inputs["k_cache"].grad is None and inputs["v_cache"].grad is None and inputs["v_new"].grad is None
     assert q.grad is not None and k_new.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("batch,q_len", [(0, 3), (2, 0)], ids=["B0", "Lq0"])
+def test_no_queries(batch, q_len, backend):
+    q = torch.randn(batch, q_len, 2, 8, requires_grad=True)
+    k_cache = torch.randn(3, 4, 1, 8, requires_grad=True)
+    v_cache = torch.randn(3, 4, 1, 8, requires_grad=True)
+    table = torch.zeros(batch, 2, dtype=torch.int32)
+    out, lse = routed_attention(q, k_cache, v_cache, table, return_lse=True, backend=backend)
+    assert out.shape == q.shape and lse.shape == (batch, 2, q_len)
+    out.sum().backward()
+    assert torch.equal(k_cache.grad, torch.zeros_like(k_cache)) and q.grad.shape == q.shape
 
 
 def test_softmax_scale_and_default_counts():

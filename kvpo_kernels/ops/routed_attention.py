@@ -217,6 +217,8 @@ def _routed_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tab
     if backend == "triton":
         from ..triton.routed_attention import routed_attention_forward
         return routed_attention_forward(q, k_cache, v_cache, block_table, block_counts, k_new, v_new, softmax_scale)
+    if q.shape[0] == 0:  # the reference stacks per-sequence results
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[2], q.shape[1]), dtype=torch.float32)
     out, lse = reference.routed_attention(q, k_cache, v_cache, block_table, block_counts, k_new, v_new,
                                           softmax_scale=softmax_scale, return_lse=True)
     return out.contiguous(), lse.float().contiguous()
