@@ -334,12 +334,14 @@ def _skip_unless_gpu_backend(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.sanitizer
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("shape,weight_kind,reduction", [
-    ((2, 3, 1), None, "mean"), ((2, 3, 1559), "T", "sum"), ((3, 5), "BT", "mean"), ((2, 3, 37, 41), "BT", "sum")])
+    pytest.param((2, 3, 1), None, "mean", id="n1"),
+    pytest.param((2, 3, 1559), "T", "sum", id="n1559", marks=pytest.mark.sanitizer),
+    pytest.param((3, 5), "BT", "mean", id="rank2"),
+    pytest.param((2, 3, 37, 41), "BT", "sum", id="n37x41", marks=pytest.mark.sanitizer)])
 def test_gpu_small(backend, dtype, shape, weight_kind, reduction, poisoned):
     _skip_unless_gpu_backend(backend)
     pred, target = _randn(shape, dtype, "cuda"), _randn(shape, dtype, "cuda")
