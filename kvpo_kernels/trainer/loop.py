@@ -206,7 +206,8 @@ class Trainer:
 
         for update in range(cfg.optim.updates_per_rollout):
             record = self._update(data, groups)
-        record.update(step=self.step + 1, time_s=time.time() - start, old_is_policy=old_is_policy)
+        record.update(step=self.step + 1, time_s=time.time() - start, old_is_policy=old_is_policy,
+                      local_groups=len(groups))
         self.step += 1
         return record
 
