@@ -145,22 +145,24 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_slots(device_index: int, dtype: torch.dtype) -> int:
-    """Forward blocks resident on the whole GPU at once (occupancy x SMs)."""
+def _cuda_forward_partition(device_index: int, dtype: torch.dtype, n: int, rows: int) -> Tuple[int, int]:
+    """(splits, chunk): at most one wave of forward blocks (occupancy x SMs), each chunk a whole number of sweeps
+    of the block's 16-byte vector loads. Cached: shapes repeat from step to step."""
     module, _ = native_extension()
     with torch.cuda.device(device_index):
-        per_sm = module.velocity_energy_cuda_blocks_per_sm(_DTYPE_CODES[dtype])
-    return max(1, per_sm) * _sm_count(device_index)
-
-
-def _cuda_forward_partition(pred: torch.Tensor, n: int, rows: int) -> Tuple[int, int]:
-    """(splits, chunk): at most one wave of blocks, each chunk a whole number of sweeps of 16-byte vectors."""
-    unit = _CUDA_THREADS * (16 // pred.element_size()) * _CUDA_UNROLL
-    index = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
+        slots = max(1, module.velocity_energy_cuda_blocks_per_sm(_DTYPE_CODES[dtype])) * _sm_count(device_index)
+    unit = _CUDA_THREADS * (16 // dtype.itemsize) * _CUDA_UNROLL
     units = -(-n // unit)
-    splits = max(1, min(units, _cuda_slots(index, pred.dtype) // rows))
+    splits = max(1, min(units, slots // rows))
     chunk = -(-units // splits) * unit
     return -(-n // chunk), chunk
+
+
+def _cuda_stream(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer handle (the raw getter skips a Stream object)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
 
 
 def _native_forward(pred, target, weight, mean: bool, backend: str) -> torch.Tensor:
@@ -174,11 +176,12 @@ def _native_forward(pred, target, weight, mean: bool, backend: str) -> torch.Ten
         module.velocity_energy_forward_cpu(energy.data_ptr(), p_ptr, t_ptr, w_ptr, batch, steps, n, strides, code,
                                            mean, torch.get_num_threads())
         return energy
-    splits, chunk = _cuda_forward_partition(pred, n, batch * steps)
+    index = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
+    splits, chunk = _cuda_forward_partition(index, pred.dtype, n, batch * steps)
     partials = torch.empty(batch * steps * splits if splits > 1 else 0, dtype=torch.float32, device=pred.device)
     module.velocity_energy_forward_cuda(energy.data_ptr(), partials.data_ptr() if splits > 1 else 0, splits, chunk,
                                         p_ptr, t_ptr, w_ptr, batch, steps, n, strides, code, mean,
-                                        torch.cuda.current_stream(pred.device).cuda_stream)
+                                        _cuda_stream(pred.device))
     return energy
 
 
@@ -199,7 +202,7 @@ def _native_backward(grad, pred, target, weight, mean: bool, backend: str, need_
     else:
         module.velocity_energy_backward_cuda(gp_ptr, gt_ptr, grad.data_ptr(), grad.stride(0), grad.stride(1),
                                              _CUDA_BACKWARD_CHUNK, p_ptr, t_ptr, w_ptr, batch, steps, n, strides,
-                                             code, mean, torch.cuda.current_stream(pred.device).cuda_stream)
+                                             code, mean, _cuda_stream(pred.device))
     return grad_pred, grad_target
 
 
