@@ -111,7 +111,8 @@ def _validate(q, k_cache, v_cache, block_table, block_counts, k_new, v_new, soft
     _, block_size, kv_heads, kv_dim = k_cache.shape
     if q.dtype not in _DTYPES:
         raise TypeError(f"routed_attention: q must be float16, bfloat16 or float32, got {q.dtype}")
-    tensors = [("k_cache", k_cache), ("v_cache", v_cache)] + ([("k_new", k_new), ("v_new", v_new)] if k_new is not None else [])
+    tensors = [("k_cache", k_cache), ("v_cache", v_cache)]
+    tensors += [("k_new", k_new), ("v_new", v_new)] if k_new is not None else []
     for name, tensor in tensors:
         if tensor.dtype != q.dtype:
             raise TypeError(f"routed_attention: {name} dtype {tensor.dtype} != q dtype {q.dtype} (one dtype for all)")

@@ -387,10 +387,10 @@ def _routed_attention_dkdv_pool_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < S
     d_ok = offs_d < HEAD_DIM
-    k = _load_tile(Kc + blk * stride_kcn + hk * stride_kch + offs_n[:, None] * stride_kcs + offs_d[None, :] * stride_kcd,
-                   n_ok, d_ok, True, EVEN_D)
-    v = _load_tile(Vc + blk * stride_vcn + hk * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :] * stride_vcd,
-                   n_ok, d_ok, True, EVEN_D)
+    k_ptrs = Kc + blk * stride_kcn + hk * stride_kch + offs_n[:, None] * stride_kcs + offs_d[None, :] * stride_kcd
+    v_ptrs = Vc + blk * stride_vcn + hk * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :] * stride_vcd
+    k = _load_tile(k_ptrs, n_ok, d_ok, True, EVEN_D)
+    v = _load_tile(v_ptrs, n_ok, d_ok, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = tl.load(ReaderPtr + blk)
