@@ -47,12 +47,11 @@ def _energy_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------- validation
 
-def _check_tensor(name: str, x: object) -> torch.Tensor:
+def _check_tensor(name: str, x: object) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPE_CODES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    return x
 
 
 def _validate(pred, target, weight, reduction) -> None:
@@ -102,11 +101,7 @@ def _choose_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     return select_backend(_OP, requested, lambda name: _why_not(name, device, dtype, auto))
 
 
-def _capability(backend: str) -> Optional[str]:
-    return machine_unavailable(backend)
-
-
-register_op(_OP, _capability)
+register_op(_OP, machine_unavailable)  # every backend runs this op wherever the backend itself runs
 
 
 # ---------------------------------------------------------------------------------------------- native launchers
@@ -304,6 +299,7 @@ class _VelocityEnergyFunction(torch.autograd.Function):
         return _forward(pred, target, weight, mean, backend)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients are not themselves differentiable
     def backward(ctx, grad):
         return _grads(ctx, grad, _forward, _backward)
 
