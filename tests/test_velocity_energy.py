@@ -158,6 +158,21 @@ def test_weights_and_reductions(backend, weight_kind, reduction, poisoned):
     check_against_reference(backend, pred, target, _weight(weight_kind, 3, 4), reduction, poisoned)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_low_precision_weight(backend):
+    """A bf16 weight with fp32 inputs is read as fp32; its gradient comes back in bf16."""
+    pred, target = torch.randn(2, 3, 77), torch.randn(2, 3, 77)
+    weight = (torch.rand(3) + 0.5).to(torch.bfloat16).requires_grad_()
+    energy = kvpo_kernels.velocity_energy(pred, target, weight, backend=backend)
+    (grad_weight,) = torch.autograd.grad(energy.sum(), weight)
+    w64 = weight.detach().double().requires_grad_()
+    truth = reference.velocity_energy(pred.double(), target.double(), w64)
+    (truth_grad,) = torch.autograd.grad(truth.sum(), w64)
+    assert grad_weight.dtype == torch.bfloat16
+    assert_close_to_truth("E", energy, truth)
+    assert_close_to_truth("dweight", grad_weight, truth_grad, truth_grad.to(torch.bfloat16))
+
+
 def _non_contiguous_layouts(dtype, device="cpu"):
     """(name, pred, target): views with strided B/T, non-contiguous trailing dims, odd storage offsets."""
     B, T = 3, 4
