@@ -74,10 +74,17 @@ def test_cpu_forward(benchmark, record, provider):
 
 # ---------------------------------------------------------------------------------------------- GPU
 
-def _copy_fraction(peers, group, info):
+def _fill_copy_fractions(peers, group):
+    """copy_fraction = GB/s over the copy's GB/s for every provider of the group measured so far (any order)."""
     copy = peers.get((group, "copy"))
-    if copy is not None and "GB/s" in info:
+    if copy is None:
+        return
+    for (other_group, provider), (_, info) in peers.items():
+        if other_group != group or provider == "copy":
+            continue
         info["copy_fraction"] = info["GB/s"] / copy[1]["GB/s"]
+        if "traffic_GB/s" in info:
+            info["traffic_copy_fraction"] = info["traffic_GB/s"] / copy[1]["GB/s"]
 
 
 @pytest.mark.gpu
@@ -106,10 +113,7 @@ def test_gpu(benchmark, record, peers, cuda_synchronize, provider, mode, shape):
             fn = lambda: torch.autograd.grad(energy(pred, target), (pred, target), grad)  # noqa: E731
     _run(benchmark, cuda_synchronize(fn, device))
     record(benchmark, bytes_moved=bytes_moved, peer_group=group, provider=provider, device=device)
-    info = benchmark.extra_info
-    _copy_fraction(peers, group, info)
     if mode == "fwd+bwd" and provider != "copy":
         # The backward needs grad_E, so it re-reads pred and target: 6 tensors really move, not 4.
-        info["traffic_GB/s"] = info["GB/s"] * 6 / 4
-        if "copy_fraction" in info:
-            info["traffic_copy_fraction"] = info["copy_fraction"] * 6 / 4
+        benchmark.extra_info["traffic_GB/s"] = benchmark.extra_info["GB/s"] * 6 / 4
+    _fill_copy_fractions(peers, group)
