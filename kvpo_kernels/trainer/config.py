@@ -36,6 +36,10 @@ class RunConfig:
 class ModelConfig:
     pretrained: Optional[str] = None       # diffusers WanTransformer3DModel path or hub id; None: random init from below
     subfolder: Optional[str] = "transformer"  # subfolder of `pretrained` holding the transformer
+    causal_checkpoint: Optional[str] = None  # Self-Forcing / LongLive generator weights (.pt / .safetensors, original
+    #                                          Wan names) loaded into the model built from the fields below
+    causal_checkpoint_key: Optional[str] = None  # sub-dict of that checkpoint (default: generator_ema, generator, ...)
+    gradient_checkpointing: bool = False   # recompute each transformer block in backward (diffusers' switch)
     dtype: str = "float32"                 # parameter dtype: float32 | bfloat16 | float16
     num_layers: int = 2                    # random init only: transformer blocks
     num_attention_heads: int = 2           # random init only: attention heads
@@ -89,6 +93,8 @@ class ReplayConfig:
     blocks: str = "perturbed"              # replayed blocks: perturbed (the P routed ones) | chunk (fork to end)
     energy_scale: float = 100.0            # multiplies E (a mean over elements): sets how peaked pi_theta is
     energy_backend: str = "auto"           # kernel backend of velocity_energy (auto | cuda | triton | cpu | torch)
+    rematerialize: bool = False            # two-pass replay: energies without graph, then one (block, step) forward
+    #                                        + backward at a time with dLoss/dE; one forward's activations alive
 
 
 @dataclass
@@ -198,15 +204,19 @@ def _merge(instance, updates: Dict[str, Any], where: str):
 # Presets: overrides on the defaults. "tiny" is the defaults themselves (a random 2-layer model, CPU-friendly).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": {},
-    # LongLive / Self-Forcing geometry on a pretrained causal Wan2.1-T2V-1.3B (GPU; pass model.pretrained).
+    # LongLive / Self-Forcing geometry on causal Wan2.1-T2V-1.3B (GPU). Give the weights with model.causal_checkpoint
+    # (Self-Forcing / LongLive .pt) or model.pretrained (diffusers folder), and text embeddings with
+    # rollout.prompts_file (UMT5 outputs [P, 512, 4096]); without them it trains a random model on random prompts.
     "wan1.3b": {
-        "model": {"pretrained": None, "dtype": "bfloat16", "latent_channels": 16},
+        "model": {"dtype": "bfloat16", "num_layers": 30, "num_attention_heads": 12, "attention_head_dim": 128,
+                  "ffn_dim": 8960, "text_dim": 4096, "freq_dim": 256, "latent_channels": 16,
+                  "gradient_checkpointing": True},
         "streaming": {"frames_per_block": 3, "sink_frames": 3, "window_frames": 12, "nearest_frames": 4,
                       "cache_frames": 21},
         # forks at frame >= 21, as LongLive-KVPO: the route pool then holds 14 (P = 1) or 11 (P = 2) older frames
         "rollout": {"num_blocks": 10, "fork_min": 7, "fork_max": 8, "perturbed_blocks": 2, "num_branches": 8,
-                    "num_routed": 5, "latent_height": 60, "latent_width": 104, "prompt_length": 512},
-        "replay": {"grad_steps": 2, "energy_scale": 1.0},
+                    "latent_height": 60, "latent_width": 104, "prompt_length": 512},
+        "replay": {"grad_steps": 2, "energy_scale": 1.0, "rematerialize": True},
         "optim": {"lr": 1e-5, "ema_decay": 0.999, "updates_per_rollout": 1},
         "run": {"steps": 500, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},
     },

@@ -28,7 +28,7 @@ from .config import TrainConfig, save_config
 from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier, local_groups
 from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
 from .rewards import RewardFn, build_reward
-from .rollout import group_rollout, replay_energies
+from .rollout import backward_through_replay, group_rollout, replay_energies
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,16 +40,32 @@ def build_transformer(config: TrainConfig):
     m = config.model
     dtype = DTYPES[m.dtype]
     if m.pretrained is not None:
-        return WanTransformer3DModel.from_pretrained(m.pretrained, subfolder=m.subfolder, torch_dtype=dtype)
+        model = WanTransformer3DModel.from_pretrained(m.pretrained, subfolder=m.subfolder, torch_dtype=dtype)
+    else:
+        model = _random_transformer(config)
+        if m.causal_checkpoint is not None:
+            from ..integrations.diffusers import load_causal_wan_weights
+
+            load_causal_wan_weights(model, m.causal_checkpoint, key=m.causal_checkpoint_key)
+        # (float32 is the construction dtype: no cast, which diffusers would warn about)
+        model = model if dtype == torch.float32 else model.to(dtype)
+    if m.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def _random_transformer(config: TrainConfig):
+    from diffusers import WanTransformer3DModel
+
+    m = config.model
     frames = config.rollout.num_blocks * config.streaming.frames_per_block
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
         model = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=m.num_attention_heads, attention_head_dim=m.attention_head_dim,
             in_channels=m.latent_channels, out_channels=m.latent_channels, text_dim=m.text_dim, freq_dim=m.freq_dim,
-            ffn_dim=m.ffn_dim, num_layers=m.num_layers, rope_max_seq_len=max(64, 2 * frames))
-    # (float32 is the construction dtype: no cast, which diffusers would warn about)
-    return model if dtype == torch.float32 else model.to(dtype)
+            ffn_dim=m.ffn_dim, num_layers=m.num_layers, rope_max_seq_len=max(1024, 2 * frames))
+    return model
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
@@ -221,7 +237,9 @@ class Trainer:
         for item in data:
             rollout = item["rollout"]
             tau = step_temperatures(rollout.sigmas.double()).to(self.device)
-            energy = self._replay(rollout, grad=True)
+            remat = cfg.replay.rematerialize
+            # Rematerialising: energies without a graph here, as a leaf that collects dLoss/dE for the second pass.
+            energy = self._replay(rollout, grad=False).requires_grad_() if remat else self._replay(rollout, grad=True)
             logl = branch_log_likelihood(energy.double(), tau)
             if item["energy_old"] is None:  # the old policy is the policy: its energies are this replay's, detached
                 item["energy_old"] = energy.detach()
@@ -233,6 +251,11 @@ class Trainer:
             terms = kvpo_loss(logl, logl_old, logl_ref, item["advantages"].to(self.device), clip_low=o.clip_low,
                               clip_high=o.clip_high, beta=o.beta)
             (terms.loss / total_groups).backward()
+            if remat:
+                rc = cfg.replay
+                backward_through_replay(self.gen, rollout, energy.grad, grad_steps=rc.grad_steps,
+                                        step_weights=self.step_weights, energy_scale=rc.energy_scale,
+                                        backend=rc.energy_backend)
             reward = item["reward"]
             for key, value in (("loss", terms.loss), ("policy_loss", terms.policy_loss), ("kl", terms.kl),
                                ("clip_fraction", terms.clip_fraction), ("ratio_mean", terms.ratio_mean),

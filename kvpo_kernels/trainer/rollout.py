@@ -14,8 +14,10 @@ routing off, the policy predicts x0 at each recorded noisy input x_t; the trajec
     E[g, b, k] = w_k * mean_j (v_theta - v_rollout)^2 = w_k / sigma_k^2 * mean_j (x0_theta - x0_rollout)^2,
 
 (v = (x_t - x0) / sigma at the same x_t), computed by :func:`kvpo_kernels.velocity_energy` for all K steps of a
-block at once. Each replayed block's clean rollout latents are then committed (no grad) so the next block sees the
-branch's own history, exactly as in the rollout.
+block at once. Each replayed block reads the branch's own history, as in the rollout: the rollout's clean blocks are
+committed (no grad) into the replay cache first, and block i reads a snapshot taken just before block i's commit.
+With ``rematerialize``, :func:`backward_through_replay` trades one extra forward per gradient step for holding only
+one forward's activations.
 """
 from __future__ import annotations
 
@@ -116,6 +118,32 @@ def group_rollout(gen, prompt_embeds: torch.Tensor, *, prompt_id: int, num_block
                         prompt_id=prompt_id)
 
 
+def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, energy_scale):
+    """sigmas [K], per-step energy weights [K], one cache per replayed block, prompt embeds [G, L, D].
+
+    Every commit happens here, before any graph-recording forward: a commit writes the shared K/V pool in place,
+    which would invalidate the pool tensors that an earlier block's forward saved for backward. So cache i is a
+    snapshot (``select``: shared blocks, no copy) of the branches' history right before block i.
+    """
+    G, steps = rollout.num_branches, rollout.sigmas.numel()
+    device = next(gen.transformer.parameters()).device
+    sigmas = rollout.sigmas.to(device)
+    weights = torch.ones(steps, device=device) if step_weights is None else step_weights.to(device)
+    # E is the velocity residual; at the same x_t it is the x0 residual divided by sigma.
+    weights = energy_scale * weights / sigmas.square()
+    embeds = rollout.prompt_embeds.expand(G, -1, -1)
+    f = gen.config.frames_per_block
+    cache, caches = rollout.prefix_cache.fork(G), []
+    for i in range(num_blocks):
+        if i + 1 == num_blocks:
+            caches.append(cache)
+            break
+        caches.append(cache.select(range(G)))
+        with torch.no_grad():
+            gen.commit_block(cache, rollout.fork_block + i, rollout.chunk[:G, :, i * f:(i + 1) * f], embeds)
+    return sigmas, weights, caches, embeds
+
+
 def replay_energies(gen, rollout: GroupRollout, *, num_blocks: int, grad_steps: int,
                     step_weights: Optional[torch.Tensor] = None, energy_scale: float = 1.0,
                     backend: str = "auto") -> torch.Tensor:
@@ -126,17 +154,10 @@ def replay_energies(gen, rollout: GroupRollout, *, num_blocks: int, grad_steps: 
     steps are computed without a graph (they still count in E, they just pass no gradient). step_weights ``[K]``
     (default 1) multiply each step's energy, on top of the 1 / sigma^2 that turns the x0 residual into a velocity one.
     """
-    G = rollout.num_branches
-    steps = rollout.sigmas.numel()
-    param = next(gen.transformer.parameters())
-    sigmas = rollout.sigmas.to(param.device)
-    weights = torch.ones(steps, device=param.device) if step_weights is None else step_weights.to(param.device)
-    weights = energy_scale * weights / sigmas.square()
-    cache = rollout.prefix_cache.fork(G)
-    embeds = rollout.prompt_embeds.expand(G, -1, -1)
-    f = gen.config.frames_per_block
+    G, steps = rollout.num_branches, rollout.sigmas.numel()
+    sigmas, weights, caches, embeds = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale)
     energies = []
-    for i in range(num_blocks):
+    for i, cache in enumerate(caches):
         block = rollout.fork_block + i
         preds = []
         for k in range(steps):
@@ -145,8 +166,26 @@ def replay_energies(gen, rollout: GroupRollout, *, num_blocks: int, grad_steps: 
         pred = torch.stack(preds, dim=1)                                  # [G, K, C, f, H, W]
         target = rollout.x0_pred[i, :, :G].transpose(0, 1)                # [G, K, C, f, H, W]
         energies.append(velocity_energy(pred, target, weights, reduction="mean", backend=backend))
-        if i + 1 < num_blocks:
-            with torch.no_grad():
-                clean = rollout.chunk[:G, :, i * f:(i + 1) * f]
-                gen.commit_block(cache, block, clean, embeds)
     return torch.stack(energies, dim=1)                                   # [G, NB, K]
+
+
+def backward_through_replay(gen, rollout: GroupRollout, energy_grad: torch.Tensor, *, grad_steps: int,
+                            step_weights: Optional[torch.Tensor] = None, energy_scale: float = 1.0,
+                            backend: str = "auto") -> None:
+    """Accumulate ``sum_{g,b,k} energy_grad[g, b, k] * dE[g, b, k]/dtheta`` into the parameters' ``.grad``.
+
+    The memory-lean second pass of a replay: with ``energy_grad [G, NB, K]`` = dLoss/dE from a no-grad
+    :func:`replay_energies` pass, it recomputes one (block, step) prediction at a time with a graph and back-propagates
+    it at once, so only one forward's activations are alive (instead of NB x grad_steps of them). Costs one more
+    forward per gradient step. Same gradient as back-propagating through a graph-recording replay.
+    """
+    G, num_blocks = rollout.num_branches, energy_grad.shape[1]
+    sigmas, weights, caches, embeds = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale)
+    for i, cache in enumerate(caches):
+        block = rollout.fork_block + i
+        for k in range(grad_steps):
+            with torch.enable_grad():
+                pred = gen.predict_x0(cache, block, rollout.x_t[i, k, :G], sigmas[k], embeds)
+                energy = velocity_energy(pred.unsqueeze(1), rollout.x0_pred[i, k, :G].unsqueeze(1),
+                                         weights[k:k + 1], reduction="mean", backend=backend)   # [G, 1]
+                torch.autograd.backward(energy[:, 0], energy_grad[:, i, k].to(energy))
