@@ -8,8 +8,9 @@ and ``cuda`` vs eager vs torch.compile, plus a device-to-device copy of the same
 
 GB/s counts the bytes that must move: forward reads pred and target once; forward+backward reads pred and target
 and writes both gradients (4 tensors). The backward cannot start before grad_E exists, so it reads pred and target
-again: ``traffic_GB/s`` (fwd+bwd rows) counts the 6 tensors that really cross the memory bus. Every row's ``extra_info`` holds ``speedup_vs_<peer>`` for the peers measured
-in the same run (see benchmarks/conftest.py) and, on a GPU, ``copy_fraction`` = GB/s / the copy's GB/s.
+again: ``traffic_GB/s`` (fwd+bwd rows) counts the 6 tensors that really cross the memory bus. Every row's
+``extra_info`` holds ``speedup_vs_<peer>`` for the peers measured in the same run (see benchmarks/conftest.py) and,
+on a GPU, ``copy_fraction`` = GB/s / the copy's GB/s.
 """
 from __future__ import annotations
 

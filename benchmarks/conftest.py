@@ -7,8 +7,9 @@ Usage in ``benchmarks/bench_<op>.py``::
         benchmark(cuda_synchronize(fn, x.device))
         record(benchmark, bytes_moved=2 * x.nbytes, peer_group="fwd-8x4", provider="cuda", device=x.device)
 
-- ``cuda_synchronize(fn, device)`` (fixture; the function is ``sync``) wraps ``fn`` so that the timed call waits for the GPU (pytest-benchmark times wall clock,
-  so an unsynchronised CUDA launch would only time the launch). On CPU it returns ``fn`` unchanged.
+- ``cuda_synchronize(fn, device)`` (a fixture; the plain function is ``sync``) wraps ``fn`` so that the timed call
+  waits for the GPU (pytest-benchmark times wall clock, so an unsynchronised CUDA launch would only time the
+  launch). On CPU it returns ``fn`` unchanged.
 - ``record(benchmark, *, bytes_moved=None, flops=None, peer_group=None, provider=None, **extra)`` writes the device
   name, median time, GB/s and/or TFLOP/s (from the median) into ``benchmark.extra_info``. With ``peer_group``, the
   median is also stored under (peer_group, provider) in the session-wide ``peers`` table, and the ratio
@@ -62,7 +63,7 @@ def device_name(device: torch.device | str = "cpu") -> str:
 
 
 def sync(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:
-    """``fn`` followed by ``torch.cuda.synchronize`` when ``device`` is a CUDA device (time the work, not the launch)."""
+    """``fn`` then ``torch.cuda.synchronize`` when ``device`` is a CUDA device (time the work, not the launch)."""
     device = torch.device(device)
     if device.type != "cuda":
         return fn

@@ -31,8 +31,9 @@ void bind_velocity_energy(py::module_& m) {
       "velocity_energy_forward_cpu",
       [](std::uintptr_t energy, std::uintptr_t pred, std::uintptr_t target, std::uintptr_t weight, int64_t batch,
          int64_t steps, int64_t n, const Strides& strides, int dtype, bool mean, int num_threads) {
-        kvpo::velocity_energy_forward_cpu(velocity_energy_args(pred, target, weight, batch, steps, n, strides, dtype, mean),
-                                          reinterpret_cast<void*>(energy), num_threads);
+        kvpo::velocity_energy_forward_cpu(
+            velocity_energy_args(pred, target, weight, batch, steps, n, strides, dtype, mean),
+            reinterpret_cast<void*>(energy), num_threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
@@ -52,9 +53,9 @@ void bind_velocity_energy(py::module_& m) {
       [](std::uintptr_t energy, std::uintptr_t partials, int64_t splits, int64_t chunk, std::uintptr_t pred,
          std::uintptr_t target, std::uintptr_t weight, int64_t batch, int64_t steps, int64_t n, const Strides& strides,
          int dtype, bool mean, std::uintptr_t stream) {
-        kvpo::velocity_energy_forward_cuda(velocity_energy_args(pred, target, weight, batch, steps, n, strides, dtype, mean),
-                                           reinterpret_cast<void*>(energy), reinterpret_cast<float*>(partials), splits,
-                                           chunk, stream);
+        kvpo::velocity_energy_forward_cuda(
+            velocity_energy_args(pred, target, weight, batch, steps, n, strides, dtype, mean),
+            reinterpret_cast<void*>(energy), reinterpret_cast<float*>(partials), splits, chunk, stream);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -19,7 +19,7 @@ namespace kvpo {
 namespace {
 
 constexpr int64_t kChunk = 16384;          // elements per task (fixed: part of the summation order)
-constexpr int64_t kMinWorkPerThread = 1 << 16;  // below this many elements per thread, spawning costs more than it saves
+constexpr int64_t kMinWorkPerThread = 1 << 16;  // fewer elements per thread: spawning costs more than it saves
 constexpr int kLanes = 16;                 // independent accumulators: enough to fill two AVX2 FMA pipes
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -249,8 +249,9 @@ void backward(const VelocityEnergyArgs& a, const void* grad_e_in, int64_t g_sb, 
       const Acc w = weight != nullptr ? weight[b * a.w_sb + t * a.w_st] : Acc(1);
       const Acc s = grad_e[b * g_sb + t * g_st] * w * two_over_n;
       const int64_t out = row * a.n + start;
-      grad_dispatch<Tr>(pred + b * a.pred_sb + t * a.pred_st + start, target + b * a.target_sb + t * a.target_st + start,
-                    s, gp != nullptr ? gp + out : nullptr, gt != nullptr ? gt + out : nullptr, len);
+      grad_dispatch<Tr>(pred + b * a.pred_sb + t * a.pred_st + start,
+                        target + b * a.target_sb + t * a.target_st + start, s,
+                        gp != nullptr ? gp + out : nullptr, gt != nullptr ? gt + out : nullptr, len);
     }
   });
 }

@@ -234,7 +234,9 @@ void check_launch(const char* what) {
 }
 
 void check_chunk(int64_t chunk, int64_t count, const char* what) {
-  if (chunk <= 0 || chunk % 16 != 0) throw std::invalid_argument(std::string(what) + ": chunk must be a positive multiple of 16");
+  if (chunk <= 0 || chunk % 16 != 0) {
+    throw std::invalid_argument(std::string(what) + ": chunk must be a positive multiple of 16");
+  }
   if (count <= 0 || count > 0x7fffffffLL) throw std::invalid_argument(std::string(what) + ": grid size out of range");
 }
 
@@ -287,7 +289,9 @@ int velocity_energy_cuda_blocks_per_sm(DType dtype) {
       break;
     default: throw std::invalid_argument("velocity_energy_cuda_blocks_per_sm: fp32, bf16 and fp16 only");
   }
-  if (err != cudaSuccess) throw std::runtime_error(std::string("velocity_energy occupancy: ") + cudaGetErrorString(err));
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("velocity_energy occupancy: ") + cudaGetErrorString(err));
+  }
   return blocks;
 }
 
