@@ -150,3 +150,19 @@ def test_rematerialized_replay_gives_the_same_gradient(tmp_path):
     assert sum(float(g.abs().sum()) for g in grads[False]) > 0
     for full, remat in zip(grads[False], grads[True]):
         torch.testing.assert_close(remat, full, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_run_on_cuda(tmp_path, dtype):
+    """The GPU path end to end: default kernel backends, gradient checkpointing and the two-pass replay."""
+    config = load_config("tiny", overrides=["run.progress=false", "run.plot=false", f"run.output_dir={tmp_path}",
+                                            "run.device=cuda", f"model.dtype={dtype}", "replay.blocks=chunk",
+                                            "model.gradient_checkpointing=true", "replay.rematerialize=true"])
+    trainer = Trainer(config)
+    records = trainer.train(steps=3)
+    assert not any(r["skipped"] for r in records)
+    assert all(isinstance(r["loss"], float) and isinstance(r["grad_norm"], float) for r in records)
+    assert trainer.transformer.proj_out.weight.device.type == "cuda"
+    assert (tmp_path / "checkpoint.pt").exists()
