@@ -118,3 +118,22 @@ def test_nonfinite_step_is_skipped_and_checkpoint_untouched(tmp_path, where):
     state = ckpt.load_checkpoint(str(path))
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_bf16_model_trains_through_fp32_master_weights(tmp_path):
+    """A step far below a bf16 ulp still moves the fp32 masters (a pure-bf16 AdamW would lose it); the model holds
+    the masters rounded to bf16; the masters come back on resume."""
+    config = tiny(tmp_path, "model.dtype=bfloat16", "optim.lr=1e-6")
+    trainer = Trainer(config)
+    start = [m.detach().clone() for m in trainer.master]
+    assert all(m.dtype == torch.float32 for m in trainer.master)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.trainable)
+    record = trainer.train(steps=2)[-1]
+    assert not record["skipped"]
+    assert any(not torch.equal(m, s) for m, s in zip(trainer.master, start))
+    for param, master in zip(trainer.trainable, trainer.master):
+        assert torch.equal(param, master.to(torch.bfloat16))
+    resumed = Trainer(config)
+    assert resumed.resume()
+    for mine, saved in zip(resumed.master, trainer.master):
+        assert torch.equal(mine, saved)

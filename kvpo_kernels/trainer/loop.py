@@ -107,12 +107,15 @@ class Trainer:
         tcfg = self.transformer.config
         self.latent_shape = (tcfg.in_channels, config.rollout.latent_height, config.rollout.latent_width)
 
-        # Trainable parameters: all, or those whose name contains one of model.trainable; the rest is frozen.
+        # Trainable parameters: those whose name contains one of model.trainable (the rest frozen); without that
+        # list, all of a model built here, or the requires_grad ones of a model passed in (e.g. LoRA adapters).
         self.trainable = []
         for name, param in self.transformer.named_parameters():
-            keep = not config.model.trainable or any(key in name for key in config.model.trainable)
-            param.requires_grad_(keep)
-            if keep:
+            if config.model.trainable:
+                param.requires_grad_(any(key in name for key in config.model.trainable))
+            elif transformer is None:
+                param.requires_grad_(True)
+            if param.requires_grad:
                 self.trainable.append(param)
         if not self.trainable:
             raise ValueError(f"model.trainable={config.model.trainable} selects no parameter")
@@ -129,8 +132,14 @@ class Trainer:
                              else torch.tensor(config.replay.step_weights, dtype=torch.float32))
 
         o = config.optim
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        self.ema = [p.detach().clone() for p in self.trainable] if o.ema_decay > 0 else None
+        # A bf16/fp16 model trains through fp32 master weights: AdamW steps (lr 1e-5 x O(1)) are mostly below
+        # half a bf16 ulp of the weights and would round away. The model keeps the low-precision copy for the
+        # forwards; the optimizer, its clipping and the EMA work on the fp32 masters.
+        self.master = ([p.detach().float().clone().requires_grad_() for p in self.trainable]
+                       if any(p.dtype != torch.float32 for p in self.trainable) else None)
+        self.opt_params = self.master if self.master is not None else self.trainable
+        self.optimizer = torch.optim.AdamW(self.opt_params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.ema = [p.detach().clone() for p in self.opt_params] if o.ema_decay > 0 else None
         self.old = [p.detach().clone() for p in self.trainable]
         self.ref = [p.detach().clone() for p in self.trainable] if config.objective.beta != 0 else None
         # Versions tell when the old / reference weights equal the policy's, which saves their replays.
@@ -230,7 +239,8 @@ class Trainer:
     def _update(self, data: List[Dict], groups: List[int]) -> Dict:
         cfg = self.config
         o, total_groups = cfg.objective, cfg.rollout.groups_per_step
-        self.optimizer.zero_grad(set_to_none=False)
+        self.transformer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         sums = {key: 0.0 for key in ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "scale",
                                      "reward_mean", "reward_anchor", "reward_best", "advantage_mean",
                                      "advantage_abs", "energy_mean", "fork_block")}
@@ -270,13 +280,15 @@ class Trainer:
         for param in self.trainable:  # a parameter the loss does not reach still takes part in the all-reduce
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        grads = [p.grad for p in self.trainable]
-        all_reduce_sum_(grads, self.dist)
+        if self.master is not None:
+            for master, param in zip(self.master, self.trainable):
+                master.grad = param.grad.float()
+        all_reduce_sum_([p.grad for p in self.opt_params], self.dist)
         keys = list(sums)
         totals = all_reduce_scalars([sums[k] for k in keys], self.dist, self.device)
         record = {k: v / total_groups for k, v in zip(keys, totals)}
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")))
+            self.opt_params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")))
         # Identical on every rank (all-reduced), so every rank takes the same decision.
         finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
         record.update(grad_norm=_finite_or_none(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
@@ -287,29 +299,32 @@ class Trainer:
         else:
             self.optimizer.step()
             self.version += 1
-            if self.ema is not None:
-                decay = cfg.optim.ema_decay
-                with torch.no_grad():
-                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.trainable], 1.0 - decay)
+            with torch.no_grad():
+                if self.master is not None:
+                    for param, master in zip(self.trainable, self.master):
+                        param.copy_(master)
+                if self.ema is not None:
+                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.opt_params], 1.0 - cfg.optim.ema_decay)
         return {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
 
     # ------------------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> Dict:
         return {"step": self.step, "rollouts": self.rollouts, "version": self.version, "old_version": self.old_version,
                 "model": self.transformer.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema, "old": self.old, "ref": self.ref, "rng": rng_state(),
+                "master": self.master, "ema": self.ema, "old": self.old, "ref": self.ref, "rng": rng_state(),
                 "config": self.config.to_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         self.transformer.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for name in ("ema", "old", "ref"):
+        for name in ("master", "ema", "old", "ref"):
             mine, saved = getattr(self, name), state[name]
             if (mine is None) != (saved is None):
                 raise ValueError(f"checkpoint: {name} state present in only one of the checkpoint and the config")
             if mine is not None:
-                for dst, src in zip(mine, saved):
-                    dst.copy_(src)
+                with torch.no_grad():
+                    for dst, src in zip(mine, saved):
+                        dst.copy_(src)
         self.step, self.rollouts = state["step"], state["rollouts"]
         self.version, self.old_version = state["version"], state["old_version"]
         set_rng_state(state["rng"])
