@@ -22,7 +22,7 @@ import yaml
 class RunConfig:
     steps: int = 150                       # optimizer steps (each: one group rollout per group, then the update)
     seed: int = 0                          # seeds the model init, prompts, reward decoder and every rollout's noise
-    output_dir: str = "runs/kvpo"          # metrics.jsonl, checkpoint.pt and the plot go here
+    output_dir: str = "runs/tiny"          # metrics.jsonl, config.yaml, checkpoint.pt and metrics.png go here
     device: str = "auto"                   # "auto" (cuda:LOCAL_RANK when available, else cpu), "cpu", "cuda", ...
     checkpoint_every: int = 0              # write checkpoint.pt every N steps (0: only at the end)
     resume: bool = True                    # continue from output_dir/checkpoint.pt when it exists

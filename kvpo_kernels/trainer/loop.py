@@ -10,7 +10,12 @@ One optimizer step (``Trainer.train_step``):
    (reference) policy's (no graph; skipped when equal to the policy's);
 5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward, gradients summed over ranks,
    non-finite check (skip the step, log it, leave the weights, optimizer and checkpoint untouched), norm clipping,
-   AdamW, EMA.
+   AdamW (on fp32 master weights for a bf16/fp16 model), EMA.
+
+Metrics (one JSON line per step in ``run.output_dir/metrics.jsonl``): reward_mean / reward_anchor / reward_best (the
+whole video's weighted reward: group mean, anchor, best branch), loss, policy_loss, kl, clip_fraction, ratio_mean,
+entropy (of the Gibbs branch policy), scale (anchor protection), advantage_mean / advantage_abs, energy_mean,
+grad_norm (before clipping), lr, skipped (+ skip_reason), time_s; averaged over groups and ranks.
 """
 from __future__ import annotations
 
@@ -229,14 +234,14 @@ class Trainer:
                              reward=(global_ * self.component_weights).sum(1), fork=fork))
         self.rollouts += 1
 
-        for update in range(cfg.optim.updates_per_rollout):
-            record = self._update(data, groups)
+        for _ in range(cfg.optim.updates_per_rollout):
+            record = self._update(data)  # the step's metrics are those of its last update
         record.update(step=self.step + 1, time_s=time.time() - start, old_is_policy=old_is_policy,
                       local_groups=len(groups))
         self.step += 1
         return record
 
-    def _update(self, data: List[Dict], groups: List[int]) -> Dict:
+    def _update(self, data: List[Dict]) -> Dict:
         cfg = self.config
         o, total_groups = cfg.objective, cfg.rollout.groups_per_step
         self.transformer.zero_grad(set_to_none=True)
