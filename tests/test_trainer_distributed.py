@@ -48,9 +48,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path, monkeypatch):
     mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
-    torch.set_num_threads(1)
-    single_dir = tmp_path / "single"
-    dist, single = _one_step(str(single_dir))
+    threads = torch.get_num_threads()
+    try:
+        dist, single = _one_step(str(tmp_path / "single"))
+    finally:
+        torch.set_num_threads(threads)
     assert dist.world_size == 1
 
     for rank in ranks:
