@@ -45,9 +45,10 @@ if triton_interpreting():
 else:
     _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)])
     # dQ: a query tile that stays in registers against streamed key tiles, like the forward.
-    _DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)])
+    _DQ_CONFIGS = _configs([(128, 32, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1)])
     # dK/dV: a key tile (BLOCK_N) that stays in registers against streamed query tiles (BLOCK_M).
-    _DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 1), (16, 32, 4, 1)])
+    _DKDV_CONFIGS = _configs([(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 1),
+                              (16, 32, 4, 1)])
 
 # KVPO_TRITON_AUTOTUNE=0: take the first config that fits in shared memory instead of timing them all (each config
 # compiles separately, per dtype / head dim / group; the GPU test run sets it to stay within its time budget).
@@ -333,26 +334,25 @@ def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
     """
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-        l_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m
-        dl_ptrs = Delta + b * stride_lb + h * stride_lh + offs_m
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = b * stride_lb + h * stride_lh
+        # Pointers are rebuilt from scalar bases each step: loop-carried [BLOCK_M, BLOCK_D] pointer tensors would
+        # hold 64-bit registers per element next to the resident k, v, dk, dv tiles and spill.
         for start_m in range(0, Lq, BLOCK_M):
-            m_ok = offs_m < Lq - start_m
-            q = _load_tile(q_ptrs, m_ok, d_ok, True, EVEN_D)
-            do = _load_tile(do_ptrs, m_ok, d_ok, True, EVEN_D)
-            lse2 = tl.load(l_ptrs, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(dl_ptrs, mask=m_ok, other=0.0)
+            rows = start_m + offs_m
+            m_ok = rows < Lq
+            q = _load_tile(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, m_ok, d_ok, True, EVEN_D)
+            do = _load_tile(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, m_ok, d_ok, True,
+                            EVEN_D)
+            lse2 = tl.load(Lse + row_base + rows, mask=m_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M]: the key tile stays in registers, queries stream.
             p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-            q_ptrs += BLOCK_M * stride_qm
-            do_ptrs += BLOCK_M * stride_dom
-            l_ptrs += BLOCK_M
-            dl_ptrs += BLOCK_M
     return dk, dv
 
 
