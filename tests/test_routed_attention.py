@@ -7,10 +7,12 @@ Lq, head layout, head dim, table shape) instead of a cartesian product, to keep 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import List, Optional
 
 import pytest
 import torch
+import triton
 
 import kvpo_kernels
 from kvpo_kernels import reference, routed_attention
@@ -428,3 +430,93 @@ def test_gpu_gradients_are_bitwise_repeatable():
     second = run(routed_attention, inputs, dout, None)
     for name in first[2]:
         assert torch.equal(first[2][name], second[2][name]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU-side check of the GPU build: compile the kernels for sm_90 (Triton's bundled ptxas; no GPU needed)
+# ----------------------------------------------------------------------------------------------------------------
+_SM90_COMPILE = r'''
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kvpo_kernels.triton.routed_attention as m
+
+POINTERS = {"Out", "Q", "Kc", "Vc", "Kn", "Vn", "DQ", "DO", "DKc", "DVc", "DKn", "DVn", "O"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_for_sm90(kernel, dtype, constexprs, config):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    consts = {**constexprs, **config.kwargs}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        # As a launch specialises them: unit inner strides, 16-divisible pointers and outer strides.
+        if name.startswith("stride_") and (name.endswith("d") or name in ("stride_ti", "stride_glm")):
+            consts[name] = 1
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        if name in POINTERS:
+            signature[name] = "*" + dtype
+        elif name in ("Lse", "Delta", "DLse"):
+            signature[name] = "*fp32"
+        elif name in ("Table", "Counts", "Readers", "ReaderPtr", "BlockOrder"):
+            signature[name] = "*i32"
+        else:
+            signature[name] = "fp32" if name in ("qk_scale", "softmax_scale") else "i32"
+        if signature[name].startswith("*") or (name.startswith("stride_") and name != "stride_tb"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    stack = None
+    if os.path.exists(CUOBJDUMP):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        stack = int(usage.split("STACK:")[1].split()[0])
+    return {"shared": compiled.metadata.shared, "stack": stack}
+
+
+results = {}
+for dtype, head_dim in (("bf16", 128), ("fp16", 40)):
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION="tf32")
+    kernels = {
+        "fwd": (m._routed_attention_fwd_kernel, dict(common, HAS_NEW=True), m._FWD_CONFIGS[0]),
+        "dq": (m._routed_attention_dq_kernel, dict(common, HAS_NEW=True), m._DQ_CONFIGS[0]),
+        "dkdv_pool": (m._routed_attention_dkdv_pool_kernel, common, m._DKDV_CONFIGS[0]),
+        "dkdv_new": (m._routed_attention_dkdv_new_kernel, common, m._DKDV_CONFIGS[0]),
+        "delta": (m._delta_kernel, dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_DLSE=True, BLOCK_M=64),
+                  triton.Config({}, num_warps=4, num_stages=1)),
+    }
+    for name, (kernel, constexprs, config) in kernels.items():
+        results[f"{name}-{dtype}-D{head_dim}"] = compile_for_sm90(kernel, dtype, constexprs, config)
+print(json.dumps(results))
+'''
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """The CPU tests run the kernels in the interpreter; this compiles them for sm_90 as a launch on an H100 would
+    (TTIR -> PTX -> cubin with Triton's bundled ptxas), so a kernel that only the GPU compiler rejects fails here,
+    and the first (untimed) configs at bf16 / D = 128 must not spill registers."""
+    import json
+    import subprocess
+    import sys
+
+    nvidia_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(nvidia_bin):
+        pytest.skip("this Triton build has no bundled ptxas")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 10
+    for name, usage in results.items():
+        assert usage["shared"] <= 227 * 1024, (name, usage)
+        if name.endswith("bf16-D128") and usage["stack"] is not None:
+            assert usage["stack"] == 0, f"{name} spills {usage['stack']} bytes of registers to the stack"
