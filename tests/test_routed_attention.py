@@ -176,7 +176,7 @@ def test_torch_backend_matches_reference(case):
 def test_empty_row_gives_zero_and_minus_inf(backend, poison_outputs):
     case = CASES[-1]
     inputs = make_inputs(case, torch.float32)
-    dout = torch.randn(2, case.q_len, case.q_heads, case.head_dim, dtype=torch.float64)
+    dout = torch.randn(2, case.q_len, case.q_heads, case.head_dim, dtype=torch.float64, device=DEVICE)
     out, lse, grads = run(routed_attention, inputs, dout, None, backend=backend)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
@@ -190,7 +190,7 @@ def test_empty_row_gives_zero_and_minus_inf(backend, poison_outputs):
 def test_gradients_are_bitwise_repeatable():
     case = SHARED
     inputs = make_inputs(case, torch.float32)
-    dout = torch.randn(2, case.q_len, case.q_heads, case.head_dim, dtype=torch.float64)
+    dout = torch.randn(2, case.q_len, case.q_heads, case.head_dim, dtype=torch.float64, device=DEVICE)
     first = run(routed_attention, inputs, dout, None, backend="triton")
     second = run(routed_attention, inputs, dout, None, backend="triton")
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
@@ -217,10 +217,10 @@ def test_caches_without_grad_get_none_and_no_pool_work(monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("batch,q_len", [(0, 3), (2, 0)], ids=["B0", "Lq0"])
 def test_no_queries(batch, q_len, backend):
-    q = torch.randn(batch, q_len, 2, 8, requires_grad=True)
-    k_cache = torch.randn(3, 4, 1, 8, requires_grad=True)
-    v_cache = torch.randn(3, 4, 1, 8, requires_grad=True)
-    table = torch.zeros(batch, 2, dtype=torch.int32)
+    q = torch.randn(batch, q_len, 2, 8, device=DEVICE, requires_grad=True)
+    k_cache = torch.randn(3, 4, 1, 8, device=DEVICE, requires_grad=True)
+    v_cache = torch.randn(3, 4, 1, 8, device=DEVICE, requires_grad=True)
+    table = torch.zeros(batch, 2, dtype=torch.int32, device=DEVICE)
     out, lse = routed_attention(q, k_cache, v_cache, table, return_lse=True, backend=backend)
     assert out.shape == q.shape and lse.shape == (batch, 2, q_len)
     out.sum().backward()
@@ -230,7 +230,7 @@ def test_no_queries(batch, q_len, backend):
 def test_softmax_scale_and_default_counts():
     case = CASES[0]
     inputs = make_inputs(case, torch.float32)
-    full_counts = torch.full((2,), 2, dtype=torch.int32)
+    full_counts = torch.full((2,), 2, dtype=torch.int32, device=DEVICE)
     got = routed_attention(**{**inputs, "block_counts": full_counts}, softmax_scale=0.3, backend="triton")
     want = reference.routed_attention(**{k: v.double() if v is not None and v.is_floating_point() else v
                                          for k, v in inputs.items()}, softmax_scale=0.3)
@@ -242,7 +242,7 @@ def test_softmax_scale_and_default_counts():
 # Validation
 # ----------------------------------------------------------------------------------------------------------------
 def _valid():
-    return make_inputs(Case("v", 4, 3, 2, 4, 2, 8, [[0, 2], [1, 1]], [2, 1], new_len=2), torch.float32, "cpu")
+    return make_inputs(Case("v", 4, 3, 2, 4, 2, 8, [[0, 2], [1, 1]], [2, 1], new_len=2), torch.float32, DEVICE)
 
 
 def _with(**changes):
@@ -263,10 +263,10 @@ BAD_INPUTS = [
     ("v-shape", _with(v_cache=lambda i: i["v_cache"][:2]), ValueError, "v_cache shape"),
     ("head-dim", _with(k_cache=lambda i: i["k_cache"][..., :4], v_cache=lambda i: i["v_cache"][..., :4]), ValueError,
      "head dim"),
-    ("D>256", _with(q=lambda i: torch.randn(2, 2, 4, 264), k_cache=lambda i: torch.randn(3, 4, 2, 264),
-                    v_cache=lambda i: torch.randn(3, 4, 2, 264), k_new=lambda i: None, v_new=lambda i: None),
+    ("D>256", _with(q=lambda i: i["q"].new_zeros(2, 2, 4, 264), k_cache=lambda i: i["q"].new_zeros(3, 4, 2, 264),
+                    v_cache=lambda i: i["q"].new_zeros(3, 4, 2, 264), k_new=lambda i: None, v_new=lambda i: None),
      ValueError, "head dim D must be"),
-    ("heads", _with(q=lambda i: torch.randn(2, 2, 3, 8)), ValueError, "multiple of k_cache heads"),
+    ("heads", _with(q=lambda i: i["q"].new_zeros(2, 2, 3, 8)), ValueError, "multiple of k_cache heads"),
     ("table-rank", _with(block_table=lambda i: i["block_table"][0]), ValueError, "block_table must be"),
     ("table-rows", _with(block_table=lambda i: i["block_table"][:1]), ValueError, "block_table must be"),
     ("table-dtype", _with(block_table=lambda i: i["block_table"].float()), TypeError, "block_table must be int"),
@@ -340,8 +340,12 @@ def test_backend_choice(monkeypatch):
 
     monkeypatch.delenv("KVPO_BACKEND", raising=False)
     assert _choose_backend("auto", "cpu", "") == "torch"
-    assert _choose_backend("triton", "cpu", "") == "triton"  # TRITON_INTERPRET=1 under the tests
-    assert _choose_backend("auto", "cpu", "triton") == "triton"
+    if os.environ.get("TRITON_INTERPRET") == "1":  # set by conftest.py on machines without CUDA
+        assert _choose_backend("triton", "cpu", "") == "triton"
+        assert _choose_backend("auto", "cpu", "triton") == "triton"  # KVPO_BACKEND=triton overrides auto
+    else:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            _choose_backend("triton", "cpu", "")
     table = kvpo_kernels.available_backends("routed_attention")["routed_attention"]
     assert table["torch"] is None and "no CUDA C++ kernel" in table["cuda"]
 
@@ -349,7 +353,7 @@ def test_backend_choice(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
     case = Case("opcheck", 3, 3, 5, 2, 1, 16, [[0, 2], [1, 1]], [2, 1], new_len=2)
-    inputs = make_inputs(case, torch.float32, "cpu")
+    inputs = make_inputs(case, torch.float32, DEVICE)
     for name in GRAD_NAMES:
         inputs[name].requires_grad_(True)
     args = (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_table"], inputs["block_counts"],
