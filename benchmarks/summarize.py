@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into a Markdown table and a PNG plot.
 
-    python benchmarks/summarize.py results.json --markdown results.md --plot results.png
+    python benchmarks/summarize.py results.json [more.json ...] --markdown results.md --plot results.png
 
 Each benchmark's ``extra_info`` (GB/s or TFLOP/s, ratios to the peers measured in the same run, device name) becomes
 columns; the median time is always shown. Rows keep the file's order, grouped by pytest-benchmark group.
@@ -31,8 +31,15 @@ def _fmt(value) -> str:
     return str(value)
 
 
+# The columns a reader compares; everything else a benchmark records stays in the JSON.
+_HEADLINE = ("group", "name", "median_ms", "GB/s", "copy_fraction", "traffic_copy_fraction", "TFLOP/s", "peak_extra_MB",
+             "kv_memory_ratio")
+
+
 def markdown_table(rows) -> str:
-    columns = list(OrderedDict.fromkeys(key for row in rows for key in row))
+    present = OrderedDict.fromkeys(key for row in rows for key in row)
+    columns = [key for key in _HEADLINE if key in present]
+    columns += [key for key in present if key.startswith("speedup_vs_")]
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(col, "")) for col in columns) + " |")
@@ -65,11 +72,14 @@ def plot(rows, out: Path, title: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
+    parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark --benchmark-json files (one run)")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
-    rows, machine, when = load_rows(args.json)
+    rows, machine, when = [], {}, ""
+    for path in args.json:
+        file_rows, machine, when = load_rows(path)
+        rows += file_rows
     device = next((row["device"] for row in rows if "device" in row), machine.get("cpu", {}).get("brand_raw", "?"))
     header = f"Device: {device}; run {when}; {len(rows)} benchmarks (median times).\n\n"
     table = header + markdown_table(rows) + "\n"
