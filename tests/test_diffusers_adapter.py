@@ -105,6 +105,17 @@ def _block(x, config, index):
     return x[:, :, index * f:(index + 1) * f]
 
 
+def _committed_history(config, seed, batch, blocks):
+    """A tiny model, its generator and a cache holding ``blocks`` clean blocks: (model, gen, clean, prompt, cache)."""
+    model = _model(seed)
+    gen = StreamingWanGenerator(model, config, backend="torch")
+    clean, prompt = _inputs(config, batch, blocks)
+    cache = gen.new_cache(batch)
+    for index in range(blocks):
+        gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    return model, gen, clean, prompt, cache
+
+
 # ------------------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 def test_streaming_equals_full_forward_under_block_causal_mask(geometry):
@@ -129,12 +140,7 @@ def test_streaming_equals_full_forward_under_block_causal_mask(geometry):
 
 def test_routed_branch_equals_explicitly_gathered_history():
     config = GEOMETRIES["longlive"]
-    model = _model(1)
-    gen = StreamingWanGenerator(model, config, backend="torch")
-    clean, prompt = _inputs(config, 1, 7)
-    cache = gen.new_cache(1)
-    for index in range(7):
-        gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    model, gen, clean, prompt, cache = _committed_history(config, 1, 1, 7)
     pool = gen.route_pool(cache, 7)
     assert pool == list(range(6, 20))
     routes = chr_routes(pool, 3, gen.num_routed, generator=torch.Generator().manual_seed(torch.initial_seed()))
@@ -153,12 +159,7 @@ def test_routed_branch_equals_explicitly_gathered_history():
 def test_input_gradient_matches_full_forward():
     """d x0 / d x_t through routed_attention's backward (q, k_new, v_new) equals that of the masked forward."""
     config = GEOMETRIES["small"]
-    model = _model(2)
-    gen = StreamingWanGenerator(model, config, backend="torch")
-    clean, prompt = _inputs(config, 2, 4)
-    cache = gen.new_cache(2)
-    for index in range(4):
-        gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    model, gen, clean, prompt, cache = _committed_history(config, 2, 2, 4)
     x_t = torch.randn(2, 4, 2, 4, 6, requires_grad=True)
     sigma = torch.tensor([0.7, 0.4])
     weight = torch.randn(2, 4, 2, 4, 6)
@@ -177,12 +178,7 @@ def test_input_gradient_matches_full_forward():
 
 def test_parameter_gradients_with_and_without_checkpointing():
     config = GEOMETRIES["small"]
-    model = _model(3)
-    gen = StreamingWanGenerator(model, config, backend="torch")
-    clean, prompt = _inputs(config, 2, 3)
-    cache = gen.new_cache(2)
-    for index in range(3):
-        gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    model, gen, clean, prompt, cache = _committed_history(config, 3, 2, 3)
     x_t = torch.randn(2, 4, 2, 4, 6)
 
     def param_grads():
@@ -208,12 +204,7 @@ def test_parameter_gradients_with_and_without_checkpointing():
 
 def test_batched_group_equals_branches_one_by_one():
     config = GEOMETRIES["longlive"]
-    model = _model(4)
-    gen = StreamingWanGenerator(model, config, backend="torch")
-    clean, prompt = _inputs(config, 1, 7)
-    cache = gen.new_cache(1)
-    for index in range(7):
-        gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    model, gen, clean, prompt, cache = _committed_history(config, 4, 1, 7)
     routes = [None] + chr_routes(gen.route_pool(cache, 7), 3, 5, generator=torch.Generator().manual_seed(5))
     noise = torch.randn(4, 4, 3, 4, 6)
     step_noise = [torch.randn_like(noise) for _ in range(len(gen.sigmas) - 1)]

@@ -11,15 +11,7 @@ from kvpo_kernels.trainer.config import load_config
 from kvpo_kernels.trainer.loop import Trainer
 from kvpo_kernels.trainer.rewards import BrightnessReward
 
-FAST = ["model.backend=torch", "replay.energy_backend=torch", "run.progress=false", "run.plot=false"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from _trainer_setup import FAST, one_thread  # noqa: F401  (autouse fixture)
 
 
 def tiny(out, *overrides):

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-FAST = ["model.backend=torch", "replay.energy_backend=torch", "run.progress=false", "run.plot=false",
-        "rollout.num_branches=3", "rollout.groups_per_step=4", "optim.updates_per_rollout=1"]
+from _trainer_setup import FAST as _FAST
+
+FAST = _FAST + ["rollout.num_branches=3", "rollout.groups_per_step=4", "optim.updates_per_rollout=1"]
 
 
 def _free_port() -> int:
