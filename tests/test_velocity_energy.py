@@ -354,7 +354,10 @@ def _skip_unless_gpu_backend(backend):
     pytest.param((2, 3, 1), None, "mean", id="n1"),
     pytest.param((2, 3, 1559), "T", "sum", id="n1559", marks=pytest.mark.sanitizer),
     pytest.param((3, 5), "BT", "mean", id="rank2"),
-    pytest.param((2, 3, 37, 41), "BT", "sum", id="n37x41", marks=pytest.mark.sanitizer)])
+    pytest.param((2, 3, 37, 41), "BT", "sum", id="n37x41", marks=pytest.mark.sanitizer),
+    # Odd n past one block's chunk: several blocks per row + the combine pass, per-row heads of 0..3 (fp32) or
+    # 0..5 (bf16/fp16) elements, three backward chunks; small enough for memcheck.
+    pytest.param((2, 3, 20_001), "BT", "mean", id="n20001-split", marks=pytest.mark.sanitizer)])
 def test_gpu_small(backend, dtype, shape, weight_kind, reduction, poisoned):
     _skip_unless_gpu_backend(backend)
     pred, target = _randn(shape, dtype, "cuda"), _randn(shape, dtype, "cuda")
@@ -404,6 +407,41 @@ def test_gpu_deterministic(backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_current_stream_graph_capture(backend):
+    """Every kernel (forward, combine, backward) launches on the caller's current stream: a CUDA graph captures a
+    forward + backward on a side stream (a launch on any other stream fails the capture), and its replay on new
+    inputs gives bitwise what an eager call gives."""
+    _skip_unless_gpu_backend(backend)
+    shape = (2, 3, 20_001)  # several blocks per row: the combine pass is captured too
+    pred = _randn(shape, torch.bfloat16, "cuda").requires_grad_()
+    target = _randn(shape, torch.bfloat16, "cuda").requires_grad_()
+    grad = torch.randn(shape[:2], device="cuda")
+
+    def step():
+        energy = kvpo_kernels.velocity_energy(pred, target, reduction="sum", backend=backend)
+        return [energy, *torch.autograd.grad(energy, (pred, target), grad)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: Triton compiles, the CUDA partition is cached
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        pred.copy_(_randn(shape, torch.bfloat16, "cuda"))
+        target.copy_(_randn(shape, torch.bfloat16, "cuda"))
+    graph.replay()
+    eager = step()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, eager):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_gpu_auto_picks_cuda_and_compiles():
     pred = _randn((2, 3, 1000), torch.bfloat16, "cuda").requires_grad_()
     target = _randn(pred.shape, torch.bfloat16, "cuda")
@@ -414,3 +452,83 @@ def test_gpu_auto_picks_cuda_and_compiles():
     got = compiled(pred, target)
     got.backward()
     torch.testing.assert_close(got, reference.velocity_energy(pred.detach(), target).sum())
+
+
+# ---------------------------------------------------------------------------------------------- sm_90 build (CPU)
+
+_SM90_COMPILE = r'''
+import json, os, re, subprocess, tempfile
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kvpo_kernels.triton.velocity_energy as m
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+ALIGNED = {"pred_sb", "pred_st", "target_sb", "target_st", "N", "CHUNK"}  # as a launch on 16-aligned rows specialises
+
+
+def compile_for_sm90(kernel, pointers, constexprs, num_warps):
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = pointers.get(name, "i32")
+        if name in pointers or name in ALIGNED:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    stack = None
+    if os.path.exists(CUOBJDUMP):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        stack = int(usage.split("STACK:")[1].split()[0])
+    return {"stack": stack, "v4_loads": len(re.findall(r"ld\.global\S*\.v4", compiled.asm["ptx"]))}
+
+
+results = {}
+for dtype in ("fp32", "bf16", "fp16"):
+    io = {"Pred_ptr": "*" + dtype, "Target_ptr": "*" + dtype, "W_ptr": "*fp32"}
+    common = dict(HAS_WEIGHT=True, MEAN=True, BLOCK=m._MAX_BLOCK, ACC=tl.float32)
+    for final in (True, False):
+        results[f"forward-{dtype}-final{final}"] = compile_for_sm90(
+            m._velocity_energy_forward_kernel, {**io, "Out_ptr": "*fp32"}, dict(common, FINAL=final), 8)
+    results[f"backward-{dtype}"] = compile_for_sm90(
+        m._velocity_energy_backward_kernel,
+        {**io, "DPred_ptr": "*" + dtype, "DTarget_ptr": "*" + dtype, "G_ptr": "*fp32"},
+        dict(common, WRITE_PRED=True, WRITE_TARGET=True), 8)
+results["combine-1024"] = compile_for_sm90(
+    m._velocity_energy_combine_kernel, {"E_ptr": "*fp32", "Partial_ptr": "*fp32", "W_ptr": "*fp32"},
+    dict(HAS_WEIGHT=True, MEAN=True, ROWS_BLOCK=16, SPLITS_BLOCK=m._MAX_SPLITS), 4)
+print(json.dumps(results))
+'''
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The CPU tests run the Triton kernels in the interpreter; this compiles them for sm_90 as a launch on an
+    H100 would (Triton's bundled ptxas, no GPU): a kernel only the GPU compiler rejects fails here, none may spill,
+    and on 16-byte aligned rows the streaming loads must be 16-byte vectors (the op is memory-bound)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build has no bundled ptxas")
+    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 10
+    for name, usage in results.items():
+        if usage["stack"] is not None:
+            assert usage["stack"] == 0, f"{name} spills {usage['stack']} bytes of registers to the stack"
+        if not name.startswith("combine"):
+            assert usage["v4_loads"] > 0, f"{name}: no 16-byte vector loads on aligned rows"
