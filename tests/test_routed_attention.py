@@ -238,6 +238,31 @@ def test_softmax_scale_and_default_counts():
     assert torch.equal(routed_attention(**inputs, softmax_scale=0.3, backend="triton"), got)
 
 
+def test_strided_block_counts_and_chunked_pool_launch(monkeypatch):
+    """block_counts as a non-contiguous view (the kernels read it with unit stride: the launcher must make it
+    contiguous), and the pool dK/dV launch split into slices of block_order (as for pools past the CUDA limit of
+    65535 programs on grid axis 2; here slices of 2 blocks)."""
+    case = SHARED
+    inputs = make_inputs(case, torch.float32)
+    counts = torch.tensor([[2, 7], [1, 7]], dtype=torch.int32, device=DEVICE)[:, 0]
+    assert not counts.is_contiguous()
+    inputs["block_counts"] = counts
+    dout = torch.randn(2, case.q_len, case.q_heads, case.head_dim, dtype=torch.float64, device=DEVICE)
+    monkeypatch.setattr(triton_routed_attention, "_BLOCK_CHUNK", 2)
+    truth_out, truth_lse, truth_grads = run(reference.routed_attention, inputs, dout, None, torch.float64)
+    out, lse, grads = run(routed_attention, inputs, dout, None, backend="triton")
+    assert_close_to_truth("out", out, truth_out)
+    assert_close_to_truth("lse", lse, truth_lse)
+    for name, grad in grads.items():
+        assert_close_to_truth(f"d{name}", grad, truth_grads[name])
+
+
+def test_grid_limit_raises_before_launch(monkeypatch):
+    monkeypatch.setattr(triton_routed_attention, "_MAX_GRID_YZ", 1)
+    with pytest.raises(ValueError, match="CUDA grid limit"):
+        routed_attention(**make_inputs(SHARED, torch.float32), backend="triton")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,6 +459,23 @@ def test_gpu_gradients_are_bitwise_repeatable():
     second = run(routed_attention, inputs, dout, None)
     for name in first[2]:
         assert torch.equal(first[2][name], second[2][name]), name
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_inputs_on_second_device():
+    """Triton launches on the current device: inputs on cuda:1 while cuda:0 is current must still run on cuda:1."""
+    assert torch.cuda.current_device() == 0
+    inputs = make_inputs(SHARED, torch.bfloat16, "cuda:1")
+    dout = torch.randn(2, SHARED.q_len, SHARED.q_heads, SHARED.head_dim, device="cuda:1", dtype=torch.float64)
+    truth_out, _, truth_grads = run(reference.routed_attention, inputs, dout, None, torch.float64)
+    base_out, _, base_grads = run(reference.routed_attention, inputs, dout, None)
+    out, _, grads = run(routed_attention, inputs, dout, None)
+    torch.cuda.synchronize("cuda:1")
+    assert out.device == torch.device("cuda:1")
+    assert_close_to_truth("out", out, truth_out, base_out)
+    for name, grad in grads.items():
+        assert_close_to_truth(f"d{name}", grad, truth_grads[name], base_grads[name])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ FlashAttention-2.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -164,7 +165,7 @@ def _routed_attention_fwd_kernel(
     (through the block table) and from the new chunk; nothing is copied. No keys: out = 0, lse = -inf.
     """
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64 like b: a head-major view's head stride spans a whole plane
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -222,7 +223,7 @@ def _delta_kernel(
     delta and the dQ / dK kernels need no extra term.
     """
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -288,7 +289,7 @@ def _routed_attention_dq_kernel(
 ):
     """dq[b, m, h] = scale * sum_k P[m, k] (dP[m, k] - delta[m]) K_b[k]; the same walk as the forward."""
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64 like b: a head-major view's head stride spans a whole plane
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -382,7 +383,7 @@ def _routed_attention_dkdv_pool_kernel(
     Blocks nobody reads get zeros. Grid axis 2 walks ``BlockOrder`` (most-read blocks first).
     """
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    hk = tl.program_id(1).to(tl.int64)
     blk = tl.load(BlockOrder + tl.program_id(2)).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -428,7 +429,7 @@ def _routed_attention_dkdv_new_kernel(
 ):
     """dk_new/dv_new of one (new-key tile, kv head, sequence): only sequence b reads its own chunk."""
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -461,6 +462,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# CUDA limits grid axes 1 and 2 to 65535 programs: heads and sequences go there (checked below), pool blocks are
+# launched in chunks of at most this many (a multiple of 4 keeps each chunk's int32 block_order slice 16-byte aligned).
+_MAX_GRID_YZ = 65535
+_BLOCK_CHUNK = 65532
+
+
+def _launch_context(device: torch.device):
+    """Triton launches on the *current* CUDA device and its current stream, whatever device the pointers live on:
+    make the inputs' device current so that tensors on cuda:1 are not run by a launch on cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_grid(batch: int, q_heads: int) -> None:
+    if batch > _MAX_GRID_YZ or q_heads > _MAX_GRID_YZ:
+        raise ValueError(f"routed_attention (triton): B ({batch}) and Hq ({q_heads}) must be <= {_MAX_GRID_YZ} "
+                         f"(CUDA grid limit); split the batch")
+
+
 def _new_strides(k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor]):
     if k_new is None:
         return (0, 0, 0, 0), (0, 0, 0, 0)
@@ -480,19 +499,22 @@ def routed_attention_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    _check_grid(batch, q_heads)
+    block_counts = block_counts.contiguous()  # the kernels read Counts[b] with unit stride
     kn, vn = (k_new, v_new) if new_len > 0 else (k_cache, v_cache)  # placeholders, never read without HAS_NEW
     kn_strides, vn_strides = _new_strides(k_new, v_new)
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
-    _routed_attention_fwd_kernel[grid](
-        out, lse, q, k_cache, v_cache, kn, vn, block_table, block_counts,
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn_strides, *vn_strides,
-        block_table.stride(0), block_table.stride(1),
-        q_len, new_len, block_size, q_heads // kv_heads, softmax_scale * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), HAS_NEW=new_len > 0,
-        PRECISION=_precision(q.dtype),
-    )
+    with _launch_context(q.device):
+        _routed_attention_fwd_kernel[grid](
+            out, lse, q, k_cache, v_cache, kn, vn, block_table, block_counts,
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn_strides, *vn_strides,
+            block_table.stride(0), block_table.stride(1),
+            q_len, new_len, block_size, q_heads // kv_heads, softmax_scale * _LOG2E,
+            HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), HAS_NEW=new_len > 0,
+            PRECISION=_precision(q.dtype),
+        )
     return out, lse
 
 
@@ -526,13 +548,6 @@ def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], 
                               softmax_scale: float, need_dq: bool, need_dcache: bool, need_dnew: bool):
     """Launch the backward kernels that are needed. Returns (dq, dk_cache, dv_cache, dk_new, dv_new), each in
     its input's shape and dtype (contiguous), or None where not asked for (no work is done for it)."""
-    batch, q_len, q_heads, head_dim = q.shape
-    num_blocks, block_size, kv_heads, _ = k_cache.shape
-    new_len = 0 if k_new is None else k_new.shape[1]
-    group = q_heads // kv_heads
-    block_d = max(triton.next_power_of_2(head_dim), 16)
-    precision = _precision(q.dtype)
-    qk_scale = softmax_scale * _LOG2E
     if q.numel() == 0:  # no queries: every gradient is zero
         alloc = functools.partial(torch.zeros_like, memory_format=torch.contiguous_format)
     else:  # every element is written by exactly one kernel program below
@@ -543,6 +558,23 @@ def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], 
     if q.numel() == 0:
         return dq, dk_cache, dv_cache, dk_new, dv_new
 
+    _check_grid(q.shape[0], q.shape[2])
+    block_counts = block_counts.contiguous()  # the kernels read Counts[b] with unit stride
+    with _launch_context(q.device):
+        _launch_backward(dout, dlse, q, k_cache, v_cache, block_table, block_counts, k_new, v_new, out, lse,
+                         softmax_scale, dq, dk_cache, dv_cache, dk_new, dv_new)
+    return dq, dk_cache, dv_cache, dk_new, dv_new
+
+
+def _launch_backward(dout, dlse, q, k_cache, v_cache, block_table, block_counts, k_new, v_new, out, lse,
+                     softmax_scale, dq, dk_cache, dv_cache, dk_new, dv_new):
+    batch, q_len, q_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    new_len = 0 if k_new is None else k_new.shape[1]
+    group = q_heads // kv_heads
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    precision = _precision(q.dtype)
+    qk_scale = softmax_scale * _LOG2E
     delta = torch.empty_like(lse)
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     _delta_kernel[(triton.cdiv(q_len, 64), q_heads, batch)](
@@ -555,7 +587,7 @@ def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], 
     kn, vn = (k_new, v_new) if new_len > 0 else (k_cache, v_cache)
     kn_strides, vn_strides = _new_strides(k_new, v_new)
 
-    if need_dq:
+    if dq is not None:
         grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
         _routed_attention_dq_kernel[grid](
             dq, q, dout, lse, delta, k_cache, v_cache, kn, vn, block_table, block_counts,
@@ -565,17 +597,20 @@ def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], 
             block_table.stride(0), block_table.stride(1),
             q_len, new_len, block_size, group, softmax_scale, qk_scale, HAS_NEW=new_len > 0, **common,
         )
-    if need_dcache and num_blocks > 0:
+    if dk_cache is not None and num_blocks > 0:
         readers, reader_ptr, block_order = block_readers(block_table, block_counts, num_blocks)
-        grid = lambda meta: (triton.cdiv(block_size, meta["BLOCK_N"]), kv_heads, num_blocks)  # noqa: E731
-        _routed_attention_dkdv_pool_kernel[grid](
-            dk_cache, dv_cache, q, dout, lse, delta, k_cache, v_cache, readers, reader_ptr, block_order,
-            dk_cache.stride(0), dk_cache.stride(1), dk_cache.stride(2),
-            *q.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
-            *k_cache.stride(), *v_cache.stride(),
-            q_len, block_size, group, softmax_scale, qk_scale, **common,
-        )
-    if need_dnew and new_len > 0:
+        # Grid axis 2 walks block_order, in slices of at most _BLOCK_CHUNK blocks (the CUDA limit on axis 2).
+        for first in range(0, num_blocks, _BLOCK_CHUNK):
+            order = block_order[first:first + _BLOCK_CHUNK]
+            grid = lambda meta, n=order.numel(): (triton.cdiv(block_size, meta["BLOCK_N"]), kv_heads, n)  # noqa
+            _routed_attention_dkdv_pool_kernel[grid](
+                dk_cache, dv_cache, q, dout, lse, delta, k_cache, v_cache, readers, reader_ptr, order,
+                dk_cache.stride(0), dk_cache.stride(1), dk_cache.stride(2),
+                *q.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
+                *k_cache.stride(), *v_cache.stride(),
+                q_len, block_size, group, softmax_scale, qk_scale, **common,
+            )
+    if dk_new is not None and new_len > 0:
         grid = lambda meta: (triton.cdiv(new_len, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
         _routed_attention_dkdv_new_kernel[grid](
             dk_new, dv_new, q, dout, lse, delta, k_new, v_new,
@@ -584,4 +619,3 @@ def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], 
             *k_new.stride(), *v_new.stride(),
             q_len, new_len, group, softmax_scale, qk_scale, **common,
         )
-    return dq, dk_cache, dv_cache, dk_new, dv_new
