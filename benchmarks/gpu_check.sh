@@ -34,6 +34,8 @@ stage "build (sm_$KVPO_CUDA_ARCHS)"
 { KVPO_REQUIRE_EXTENSION=1 timeout 70 bash -c "$PY -m pip install -q --no-build-isolation --no-deps -e . \
     || $PY setup.py -q build_ext --inplace"
   $PY -c "import kvpo_kernels as k; print(k.describe_backends())"
+  # The cuda-backend tests skip when the CUDA kernels are missing: make that a failed stage, not a quiet skip.
+  $PY -c "import kvpo_kernels._C as c; assert c.built_with_cuda, 'kvpo_kernels._C was built without CUDA'"
 } > "$OUT/build.log" 2>&1 || status=1
 tail -n 15 "$OUT/build.log"
 
