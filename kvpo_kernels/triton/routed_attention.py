@@ -178,7 +178,7 @@ def _routed_attention_fwd_kernel(
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row * row stride can pass 2^31
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
@@ -234,7 +234,7 @@ def _delta_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
@@ -302,7 +302,7 @@ def _routed_attention_dq_kernel(
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
@@ -395,8 +395,8 @@ def _routed_attention_dkdv_pool_kernel(
     hk = tl.program_id(1).to(tl.int64)
     blk = tl.load(BlockOrder + tl.program_id(2)).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < S
     d_ok = offs_d < HEAD_DIM
@@ -441,8 +441,8 @@ def _routed_attention_dkdv_new_kernel(
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < Ln
     d_ok = offs_d < HEAD_DIM
