@@ -222,6 +222,7 @@ _WORKLOADS: Dict[str, Workload] = {}
 
 
 def _interrupt(signum, frame):
+    signal.alarm(15)  # SIGALRM's default action ends the process if the interrupted run hangs on its way out
     raise KeyboardInterrupt(f"signal {signum}")
 
 
