@@ -49,8 +49,9 @@ def _loss_by_hand(energy, energy_old, energy_ref, sigmas, advantages, beta, clip
     if any(a > 0 for a in advantages):
         s = 1.0
     else:
-        logits = torch.cat([log_pi, torch.zeros(1, dtype=torch.float64)])
-        s = 1 - torch.exp(logits[-1]) / torch.exp(logits).sum()
+        # s is a constant of the update (pi_anchor = 1/2 whatever the logits): a number, not part of the graph.
+        logits = torch.cat([log_pi, torch.zeros(1, dtype=torch.float64)]).tolist()
+        s = 1 - math.exp(logits[-1]) / sum(math.exp(x) for x in logits)
     return s * (policy + beta * kl)
 
 
@@ -90,6 +91,11 @@ def test_loss_and_gradient_match_formula(case):
     advantages = torch.randn(G, dtype=torch.float64)
     if case == "all_worse":
         advantages = -advantages.abs() - 0.1
+    if case == "far_from_old":
+        # Branch 0 surely clipped: far less likely under the old policy (ratio >> 1 + clip_high) and better than
+        # the anchor, so the clipped term is the smaller one.
+        energy_old[0] += 50.0
+        advantages[0] = advantages[0].abs() + 0.1
     beta = 0.37
 
     tau = step_temperatures(sigmas)

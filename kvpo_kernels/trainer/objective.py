@@ -102,9 +102,11 @@ def kvpo_loss(logl: torch.Tensor, logl_old: torch.Tensor, logl_ref: Optional[tor
     if bool((advantages > 0).any()):
         scale = torch.ones((), dtype=logl.dtype, device=logl.device)
     else:
+        # Its true gradient is zero (the pi_theta(g) sum to 1, so pi_anchor = 1/2 for any logits): detached, so
+        # the softmax's rounding noise is not multiplied by a loss that can reach exp(20) * |A|.
         with_anchor = torch.cat([log_pi, log_pi.new_zeros(1)])
-        scale = 1.0 - torch.softmax(with_anchor, 0)[-1]
+        scale = (1.0 - torch.softmax(with_anchor, 0)[-1]).detach()
     loss = scale * (policy_loss + beta * kl)
-    return LossTerms(loss=loss, policy_loss=policy_loss.detach(), kl=kl.detach(), scale=scale.detach(),
+    return LossTerms(loss=loss, policy_loss=policy_loss.detach(), kl=kl.detach(), scale=scale,
                      clip_fraction=(clipped < unclipped).to(logl).mean().detach(), ratio_mean=ratio.mean().detach(),
                      ratio_max=ratio.max().detach(), entropy=-(pi * log_pi).sum().detach())
