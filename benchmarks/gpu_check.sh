@@ -8,7 +8,10 @@
 #
 #   device tool:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=420)
 #   .whl/ (optional): wheels carried as the device README says, e.g. diffusers for the adapter and trainer GPU
-#   tests and the group-rollout benchmark; without them those files skip.
+#   tests and the group-rollout benchmark; without them those files skip. The device image lacks only diffusers
+#   and importlib_metadata of diffusers' requirements; prepare them here (ignored by git) with:
+#     echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
