@@ -12,13 +12,13 @@ from typing import List, Optional
 
 import pytest
 import torch
-import triton
 
 import kvpo_kernels
 from kvpo_kernels import reference, routed_attention
 from kvpo_kernels.triton import routed_attention as triton_routed_attention
 
 from _assertions import assert_close_to_truth
+from _sm90 import run_compile_script
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -483,17 +483,15 @@ def test_gpu_inputs_on_second_device():
 # CPU-side check of the GPU build: compile the kernels for sm_90 (Triton's bundled ptxas; no GPU needed)
 # ----------------------------------------------------------------------------------------------------------------
 _SM90_COMPILE = r'''
-import json, os, subprocess, sys, tempfile
+import json
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import kvpo_kernels.triton.routed_attention as m
+from _sm90 import compile_for_sm90
 
 POINTERS = {"Out", "Q", "Kc", "Vc", "Kn", "Vn", "DQ", "DO", "DKc", "DVc", "DKn", "DVn", "O"}
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_for_sm90(kernel, dtype, constexprs, config):
+def compile_kernel(kernel, dtype, constexprs, config):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     consts = {**constexprs, **config.kwargs}
     signature, attrs = {}, {}
@@ -514,18 +512,8 @@ def compile_for_sm90(kernel, dtype, constexprs, config):
             signature[name] = "fp32" if name in ("qk_scale", "softmax_scale") else "i32"
         if signature[name].startswith("*") or (name.startswith("stride_") and name != "stride_tb"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    stack = None
-    if os.path.exists(CUOBJDUMP):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        stack = int(usage.split("STACK:")[1].split()[0])
-    return {"shared": compiled.metadata.shared, "stack": stack}
+    usage = compile_for_sm90(fn, signature, attrs, consts, num_warps=config.num_warps, num_stages=config.num_stages)
+    return {"shared": usage["shared"], "stack": usage["stack"]}
 
 
 results = {}
@@ -541,7 +529,7 @@ for dtype, head_dim in (("bf16", 128), ("fp16", 40)):
                   triton.Config({}, num_warps=4, num_stages=1)),
     }
     for name, (kernel, constexprs, config) in kernels.items():
-        results[f"{name}-{dtype}-D{head_dim}"] = compile_for_sm90(kernel, dtype, constexprs, config)
+        results[f"{name}-{dtype}-D{head_dim}"] = compile_kernel(kernel, dtype, constexprs, config)
 print(json.dumps(results))
 '''
 
@@ -550,18 +538,7 @@ def test_kernels_compile_for_sm90_without_spills():
     """The CPU tests run the kernels in the interpreter; this compiles them for sm_90 as a launch on an H100 would
     (TTIR -> PTX -> cubin with Triton's bundled ptxas), so a kernel that only the GPU compiler rejects fails here,
     and the first (untimed) configs at bf16 / D = 128 must not spill registers."""
-    import json
-    import subprocess
-    import sys
-
-    nvidia_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(nvidia_bin):
-        pytest.skip("this Triton build has no bundled ptxas")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_compile_script(_SM90_COMPILE)
     assert len(results) == 10
     for name, usage in results.items():
         assert usage["shared"] <= 227 * 1024, (name, usage)

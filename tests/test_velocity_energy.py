@@ -17,6 +17,7 @@ from kvpo_kernels._backends import machine_unavailable, triton_interpreting
 from kvpo_kernels.ops.velocity_energy import _velocity_energy_backward_op, _velocity_energy_op
 
 from _assertions import assert_close_to_truth
+from _sm90 import run_compile_script
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 HAS_CUDA = torch.cuda.is_available()
@@ -457,18 +458,15 @@ def test_gpu_auto_picks_cuda_and_compiles():
 # ---------------------------------------------------------------------------------------------- sm_90 build (CPU)
 
 _SM90_COMPILE = r'''
-import json, os, re, subprocess, tempfile
-import triton
+import json, re
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import kvpo_kernels.triton.velocity_energy as m
+from _sm90 import compile_for_sm90
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ALIGNED = {"pred_sb", "pred_st", "target_sb", "target_st", "N", "CHUNK"}  # as a launch on 16-aligned rows specialises
 
 
-def compile_for_sm90(kernel, pointers, constexprs, num_warps):
+def compile_kernel(kernel, pointers, constexprs, num_warps):
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -477,17 +475,8 @@ def compile_for_sm90(kernel, pointers, constexprs, num_warps):
         signature[name] = pointers.get(name, "i32")
         if name in pointers or name in ALIGNED:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    stack = None
-    if os.path.exists(CUOBJDUMP):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        stack = int(usage.split("STACK:")[1].split()[0])
-    return {"stack": stack, "v4_loads": len(re.findall(r"ld\.global\S*\.v4", compiled.asm["ptx"]))}
+    usage = compile_for_sm90(kernel, signature, attrs, constexprs, num_warps=num_warps)
+    return {"stack": usage["stack"], "v4_loads": len(re.findall(r"ld\.global\S*\.v4", usage["ptx"]))}
 
 
 results = {}
@@ -495,13 +484,13 @@ for dtype in ("fp32", "bf16", "fp16"):
     io = {"Pred_ptr": "*" + dtype, "Target_ptr": "*" + dtype, "W_ptr": "*fp32"}
     common = dict(HAS_WEIGHT=True, MEAN=True, BLOCK=m._MAX_BLOCK, ACC=tl.float32)
     for final in (True, False):
-        results[f"forward-{dtype}-final{final}"] = compile_for_sm90(
+        results[f"forward-{dtype}-final{final}"] = compile_kernel(
             m._velocity_energy_forward_kernel, {**io, "Out_ptr": "*fp32"}, dict(common, FINAL=final), 8)
-    results[f"backward-{dtype}"] = compile_for_sm90(
+    results[f"backward-{dtype}"] = compile_kernel(
         m._velocity_energy_backward_kernel,
         {**io, "DPred_ptr": "*" + dtype, "DTarget_ptr": "*" + dtype, "G_ptr": "*fp32"},
         dict(common, WRITE_PRED=True, WRITE_TARGET=True), 8)
-results["combine-1024"] = compile_for_sm90(
+results["combine-1024"] = compile_kernel(
     m._velocity_energy_combine_kernel, {"E_ptr": "*fp32", "Partial_ptr": "*fp32", "W_ptr": "*fp32"},
     dict(HAS_WEIGHT=True, MEAN=True, ROWS_BLOCK=16, SPLITS_BLOCK=m._MAX_SPLITS), 4)
 print(json.dumps(results))
@@ -512,20 +501,7 @@ def test_triton_kernels_compile_for_sm90():
     """The CPU tests run the Triton kernels in the interpreter; this compiles them for sm_90 as a launch on an
     H100 would (Triton's bundled ptxas, no GPU): a kernel only the GPU compiler rejects fails here, none may spill,
     and on 16-byte aligned rows the streaming loads must be 16-byte vectors (the op is memory-bound)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton build has no bundled ptxas")
-    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_compile_script(_SM90_COMPILE)
     assert len(results) == 10
     for name, usage in results.items():
         if usage["stack"] is not None:
