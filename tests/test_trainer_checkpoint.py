@@ -43,6 +43,40 @@ def test_resume_gives_the_same_next_step_loss(tmp_path):
         assert torch.equal(mine, theirs)
 
 
+def test_resume_loads_on_cpu_and_rng_states_go_back_as_cpu_tensors(tmp_path, monkeypatch):
+    """On a GPU, a checkpoint loaded with map_location=cuda would hand torch.set_rng_state a CUDA byte tensor (it
+    raises) and hold a second copy of the training state in GPU memory: resume loads on the CPU, and set_rng_state
+    moves whatever it gets to the CPU."""
+    trainer = Trainer(tiny(tmp_path))
+    trainer.save()
+    seen = []
+    real_load = ckpt.load_checkpoint
+
+    def load(path, map_location="cpu"):
+        seen.append(map_location)
+        return real_load(path, map_location)
+
+    monkeypatch.setattr("kvpo_kernels.trainer.loop.load_checkpoint", load)
+    trainer.device = torch.device("cuda", 0)  # only its name reaches the load; nothing runs on it
+    assert trainer.resume() and seen == ["cpu"]
+
+    class OnDevice:  # stands for a CUDA tensor: only .cpu() gives the real state
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def cpu(self):
+            return self.tensor
+
+    state = ckpt.rng_state()
+    expected = torch.rand(3)
+    cuda_states = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: cuda_states.extend(states))
+    cuda_state = torch.zeros(16, dtype=torch.uint8)
+    ckpt.set_rng_state(dict(state, torch=OnDevice(state["torch"]), cuda=[OnDevice(cuda_state)]))
+    assert torch.equal(torch.rand(3), expected) and cuda_states == [cuda_state]
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     ckpt.save_checkpoint(str(path), {"step": 1, "w": torch.randn(3)})
@@ -119,12 +153,18 @@ def test_bf16_model_trains_through_fp32_master_weights(tmp_path):
     trainer = Trainer(config)
     start = [m.detach().clone() for m in trainer.master]
     assert all(m.dtype == torch.float32 for m in trainer.master)
-    assert all(p.dtype == torch.bfloat16 for p in trainer.trainable)
+    # bf16 except the modules diffusers keeps in fp32 (as from_pretrained(torch_dtype=bf16) loads them); the RoPE
+    # tables stay fp32 too.
+    model = trainer.transformer
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16 and model.proj_out.weight.dtype == torch.bfloat16
+    assert model.scale_shift_table.dtype == torch.float32 and model.rope.freqs_cos.dtype == torch.float32
+    assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert sum(p.dtype == torch.bfloat16 for p in trainer.trainable) > len(trainer.trainable) // 2
     record = trainer.train(steps=2)[-1]
     assert not record["skipped"]
     assert any(not torch.equal(m, s) for m, s in zip(trainer.master, start))
     for param, master in zip(trainer.trainable, trainer.master):
-        assert torch.equal(param, master.to(torch.bfloat16))
+        assert torch.equal(param, master.to(param.dtype))
     resumed = Trainer(config)
     assert resumed.resume()
     for mine, saved in zip(resumed.master, trainer.master):

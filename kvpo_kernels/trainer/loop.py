@@ -53,10 +53,25 @@ def build_transformer(config: TrainConfig):
 
             load_causal_wan_weights(model, m.causal_checkpoint, key=m.causal_checkpoint_key)
         # (float32 is the construction dtype: no cast, which diffusers would warn about)
-        model = model if dtype == torch.float32 else model.to(dtype)
+        if dtype != torch.float32:
+            _cast_keeping_fp32_modules(model, dtype)
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+def _cast_keeping_fp32_modules(model, dtype: torch.dtype) -> None:
+    """Cast ``model`` to ``dtype`` in place as ``from_pretrained(torch_dtype=dtype)`` does: the modules diffusers keeps
+    in float32 (``_keep_in_fp32_modules``: for Wan the RoPE tables, time embedder, modulation tables and norms) keep
+    their dtype. ``model.to(dtype)`` would round the float32 RoPE cos/sin to bf16 (up to 2e-3 error in every rotation)
+    and the timestep embedding and modulation, unlike diffusers' own bf16 loading (``model.pretrained``), which the
+    random / causal-checkpoint model now matches. (The first parameter, the fp32 ``scale_shift_table``, then makes
+    the rollout latents fp32; the transformer itself computes in bf16.)"""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+                tensor.data = tensor.data.to(dtype)
 
 
 def _random_transformer(config: TrainConfig):
@@ -343,7 +358,10 @@ class Trainer:
         path = path or self.checkpoint_path
         if not os.path.exists(path):
             return False
-        self.load_state_dict(load_checkpoint(path, map_location=str(self.device)))
+        # Loaded on the CPU: the RNG states must be CPU tensors (torch.set_rng_state rejects CUDA ones), and
+        # load_state_dict / copy_ move the rest to the live tensors' device without a second copy of the whole
+        # training state (model, optimizer, masters, EMA, old and reference weights) in GPU memory.
+        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
         return True
 
     # -------------------------------------------------------------------------------------------------- the run
