@@ -52,6 +52,22 @@ def test_rollout_shares_noise_and_anchor_is_unperturbed(tmp_path):
     torch.testing.assert_close(ro.prefix, torch.cat(blocks[:5], dim=2), rtol=1e-5, atol=1e-5)
 
 
+def test_rollout_and_replay_never_grow_the_kv_pool(tmp_path, monkeypatch):
+    """The rollout sizes its pool up front: a doubling would copy the pool with old and new alive (tens of GB at
+    the 1.3B geometry); the replays reuse the group's freed blocks."""
+    from kvpo_kernels.cache import _BlockPool
+
+    trainer = Trainer(tiny(tmp_path, "streaming.frames_per_block=2"))
+    grows, real_grow = [], _BlockPool.grow
+    monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
+    ro = group_rollout(trainer.gen, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=5, perturbed_blocks=1,
+                       num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
+                       rng=torch.Generator().manual_seed(0))
+    replay_energies(trainer.gen, ro, num_blocks=3, grad_steps=1)
+    assert len(grows) == 1, f"the pool grew after it was made: {grows}"
+    assert ro.prefix_cache._pool.num_blocks == grows[0] == trainer.gen.config.cache_frames + 4 * 2 * 3
+
+
 def test_replay_energy_is_zero_on_an_unrouted_trajectory(tmp_path):
     """Replaying (routing off) the anchor's own trajectory reproduces its predictions: E = 0 in every block and step,
     while routed branches have E > 0. This checks the replay's cache, commits, x_t and targets line up."""
@@ -156,3 +172,9 @@ def test_tiny_run_on_cuda(tmp_path, dtype):
     assert all(isinstance(r["loss"], float) and isinstance(r["grad_norm"], float) for r in records)
     assert trainer.transformer.proj_out.weight.device.type == "cuda"
     assert (tmp_path / "checkpoint.pt").exists()
+    resumed = Trainer(config)  # RNG states and optimizer state back from the checkpoint onto the GPU
+    assert resumed.resume() and resumed.step == 3
+    assert all(m.device.type == "cuda" for m in (resumed.master or resumed.trainable))
+    assert all(value.device.type == "cuda" for state in resumed.optimizer.state.values()
+               for key, value in state.items() if key != "step")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.trainable, trainer.trainable))

@@ -92,7 +92,11 @@ def group_rollout(gen, prompt_embeds: torch.Tensor, *, prompt_id: int, num_block
     def to_device(tensors, batch):
         return [t.to(device=device, dtype=dtype).expand(batch, -1, -1, -1, -1) for t in tensors]
 
-    cache = gen.new_cache(1)
+    # One pool for the whole rollout, sized up front: the prefix's resident window plus every block the G + 1
+    # sequences write after the fork (eviction frees none of those before the chunk ends). Growing on demand would
+    # double the pool, copying it with old and new alive (at the 1.3B geometry, 287 MB per frame: 26 + 52 GB).
+    # The replays later fork the same pool; the group's blocks are free again by then.
+    cache = gen.new_cache(1, reserve_blocks=cfg.cache_frames + (num_branches + 1) * f * (num_blocks - fork_block))
     prefix = []
     for block in range(fork_block):
         noise = to_device(noises[block], 1)
