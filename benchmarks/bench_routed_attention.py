@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 import time
 from typing import Callable, Dict, List
 
@@ -219,20 +218,6 @@ def peak_extra_mb(fn) -> float:
 
 
 _WORKLOADS: Dict[str, Workload] = {}
-
-
-def _interrupt(signum, frame):
-    signal.alarm(15)  # SIGALRM's default action ends the process if the interrupted run hangs on its way out
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def save_results_on_timeout():
-    """gpu_check.sh stops this file with ``timeout`` (SIGTERM), and pytest-benchmark writes its JSON only when the
-    session ends: as a KeyboardInterrupt, SIGTERM ends the session normally and the finished cases are saved."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    yield
-    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.gpu

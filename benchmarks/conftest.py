@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 from typing import Callable, Dict, Optional, Tuple
 
 import pytest
@@ -117,6 +118,20 @@ def _record(benchmark, *, bytes_moved: Optional[float] = None, flops: Optional[f
             info[f"speedup_vs_{other}"] = other_median / median
             other_info[f"speedup_vs_{provider}"] = median / other_median
         _PEERS[(peer_group, provider)] = (median, info)
+
+
+def _interrupt(signum, frame):
+    signal.alarm(15)  # SIGALRM's default action ends the process if the interrupted run hangs on its way out
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def save_results_on_timeout():
+    """gpu_check.sh stops each benchmark stage with ``timeout`` (SIGTERM), and pytest-benchmark writes its JSON only
+    when the session ends: as a KeyboardInterrupt, SIGTERM ends the session normally and the finished cases are saved."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture

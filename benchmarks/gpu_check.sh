@@ -3,7 +3,7 @@
 # Builds the extension for sm_90, runs the GPU tests, a compute-sanitizer memcheck pass on small shapes, and the
 # benchmarks; writes everything under $OUT (default benchmarks/results/local). Each stage has its own timeout and
 # they add up to under 6 minutes, so one hang cannot eat the lease; a failing stage does not stop the later ones
-# (the exit status reports it). What comes back (8 files at most): device.txt, build.log, gpu_tests.log,
+# (the exit status reports it); a benchmark stage cut by its timeout still saves the cases it finished. What comes back (8 files at most): device.txt, build.log, gpu_tests.log,
 # memcheck.log, bench_attention.json, bench_energy.json, bench.md, bench.png.
 #
 #   device tool:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=420)
