@@ -32,15 +32,27 @@ def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(diff.max())
 
 
+def rounding_allowance(truth: torch.Tensor, dtype: torch.dtype) -> float:
+    """2x the rounding step of ``dtype`` at the truth's magnitude (at least 0.3), as flash-attention 3's tests add
+    to their gradient tolerances (``2 * (ref + 0.3 - 0.3 - ref)`` with ref in the low dtype)."""
+    rounded = truth.detach().nan_to_num(posinf=0.0, neginf=0.0).to(dtype)
+    return 2.0 * float((rounded + 0.3 - 0.3 - rounded).abs().max()) if rounded.numel() else 0.0
+
+
 def assert_close_to_truth(name: str, actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor | None = None,
                           *, rtol: float = 1e-4, factor: float = 2.0, atol: float = 1e-5) -> None:
     """flash-attention's rule: err(actual) <= factor * err(baseline) + atol, both against the float64 truth.
 
-    ``baseline`` is the same computation done with PyTorch ops in the kernel's dtype. Without a baseline (fp32
-    kernels), the error must be within ``rtol`` of the truth's magnitude (plus ``atol``).
+    ``baseline`` is the same computation done with PyTorch ops in the kernel's dtype. For a low-precision baseline
+    the atol also holds flash-attention 3's rounding allowance (2 steps of that dtype): on the small shapes the CPU
+    tests afford, PyTorch's own result is often within one rounding step of the truth, so 2x its error alone would
+    demand better than the dtype can represent. Without a baseline (fp32 kernels), the error must be within ``rtol``
+    of the truth's magnitude (plus ``atol``).
     """
     err = max_abs_error(actual, truth)
     if baseline is not None:
+        if baseline.dtype in (torch.float16, torch.bfloat16):
+            atol = atol + rounding_allowance(truth, baseline.dtype)
         tol = factor * max_abs_error(baseline, truth) + atol
     else:
         tol = rtol * max(1.0, float(truth.detach().double().abs().nan_to_num(posinf=0, neginf=0).max())) + atol
