@@ -108,10 +108,12 @@ def check_backend_name(backend: object) -> str:
     return backend
 
 
-def select_backend(op: str, requested: str, why_not: Callable[[str], Optional[str]]) -> str:
-    """Return the backend to run ``op`` with.
+def select_backend(op: str, requested: str, why_not: Callable[[str], Optional[str]], device_type: str) -> str:
+    """Return the backend to run ``op`` on inputs on ``device_type`` with.
 
-    ``why_not(backend)`` returns None when the backend can serve the inputs, else the reason it cannot.
+    ``why_not(backend)`` returns None when the backend can serve the inputs, else the reason it cannot. An automatic
+    choice never takes Triton's interpreter for CPU tensors (a test path, slower than every other backend); asking for
+    ``"triton"`` explicitly, by argument or ``KVPO_BACKEND``, still gets it.
     """
     requested = check_backend_name(requested)
     if requested == "auto":
@@ -127,7 +129,10 @@ def select_backend(op: str, requested: str, why_not: Callable[[str], Optional[st
         return requested
     reasons = {}
     for backend in BACKENDS:
-        reason = why_not(backend)
+        if backend == "triton" and device_type == "cpu":
+            reason = "auto never picks Triton's interpreter for CPU tensors (a test path; ask for backend='triton')"
+        else:
+            reason = why_not(backend)
         if reason is None:
             return backend
         reasons[backend] = reason

@@ -365,13 +365,15 @@ def test_backend_choice(monkeypatch):
     from kvpo_kernels.ops.routed_attention import _choose_backend
 
     monkeypatch.delenv("KVPO_BACKEND", raising=False)
-    assert _choose_backend("auto", "cpu", "") == "torch"
+    assert _choose_backend("auto", "cpu") == "torch"
     if os.environ.get("TRITON_INTERPRET") == "1":  # set by conftest.py on machines without CUDA
-        assert _choose_backend("triton", "cpu", "") == "triton"
-        assert _choose_backend("auto", "cpu", "triton") == "triton"  # KVPO_BACKEND=triton overrides auto
+        assert _choose_backend("triton", "cpu") == "triton"
+        monkeypatch.setenv("KVPO_BACKEND", "triton")
+        assert _choose_backend("auto", "cpu") == "triton"  # KVPO_BACKEND=triton overrides auto
+        monkeypatch.delenv("KVPO_BACKEND")
     else:
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-            _choose_backend("triton", "cpu", "")
+            _choose_backend("triton", "cpu")
     table = kvpo_kernels.available_backends("routed_attention")["routed_attention"]
     assert table["torch"] is None and "no CUDA C++ kernel" in table["cuda"]
 

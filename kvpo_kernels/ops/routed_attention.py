@@ -8,7 +8,6 @@ or the pure-PyTorch backend (``reference.py`` forward, gather-based backward bel
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -74,7 +73,7 @@ def routed_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: T
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     if block_counts is None:
         block_counts = torch.full((batch,), block_table.shape[1], dtype=torch.int32, device=block_table.device)
-    chosen = _choose_backend(check_backend_name(backend), q.device.type, _env_override())
+    chosen = _choose_backend(check_backend_name(backend), q.device.type)
     out, lse = torch.ops.kvpo.routed_attention_fwd(q, k_cache, v_cache, block_table, block_counts, k_new, v_new,
                                                    scale, chosen, check_block_ids)
     return (out, lse) if return_lse else out
@@ -175,30 +174,23 @@ def _check_table_values(block_table: Tensor, block_counts: Tensor, num_blocks: i
 # ----------------------------------------------------------------------------------------------------------------
 # Backend choice
 # ----------------------------------------------------------------------------------------------------------------
-def _env_override() -> str:
-    return os.environ.get("KVPO_BACKEND", "").strip()
-
-
 def _capability(backend: str) -> Optional[str]:
     """Why ``backend`` cannot run this op on this machine at all (for ``available_backends``)."""
     return _NO_NATIVE.get(backend) or machine_unavailable(backend)
 
 
 @torch.compiler.assume_constant_result
-def _choose_backend(requested: str, device_type: str, env_override: str) -> str:
+def _choose_backend(requested: str, device_type: str) -> str:
     """Backend for inputs on ``device_type``. Evaluated once at trace time under torch.compile (plain arguments)."""
-    implicit = requested == "auto" and env_override in ("", "auto")
 
     def why_not(backend: str) -> Optional[str]:
         if backend in _NO_NATIVE:
             return _NO_NATIVE[backend]
         if backend == "triton":
-            if implicit and device_type == "cpu":
-                return "auto runs CPU tensors on the torch reference (the Triton interpreter is a test path)"
             return tensor_device_unavailable("triton", torch.device(device_type))
         return None
 
-    return select_backend("routed_attention", requested, why_not)
+    return select_backend("routed_attention", requested, why_not, device_type)
 
 
 register_op("routed_attention", _capability)

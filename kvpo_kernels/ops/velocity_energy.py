@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -79,15 +78,13 @@ def _validate(pred, target, weight, reduction) -> None:
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def _why_not(backend: str, device: torch.device, dtype: torch.dtype, auto: bool) -> Optional[str]:
+def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Why ``backend`` cannot serve inputs of this device and dtype (None if it can)."""
     why = tensor_device_unavailable(backend, device)
     if why is not None:
         return why
     if dtype not in _SUPPORTED_DTYPES[backend]:
         return f"{backend} supports {', '.join(str(d) for d in _SUPPORTED_DTYPES[backend])}, not {dtype}"
-    if backend == "triton" and device.type == "cpu" and auto:
-        return "auto never picks Triton's interpreter for CPU tensors (a test path; ask for backend='triton')"
     return None
 
 
@@ -96,9 +93,7 @@ def _choose_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     """The backend for these inputs (raises ``ValueError`` saying why when none can serve them).
 
     Run eagerly even under torch.compile (its answer is a constant of the graph): it probes the machine."""
-    # Only a real "auto" choice skips Triton's interpreter; KVPO_BACKEND=triton is an explicit request.
-    auto = requested == "auto" and not os.environ.get("KVPO_BACKEND", "").strip()
-    return select_backend(_OP, requested, lambda name: _why_not(name, device, dtype, auto))
+    return select_backend(_OP, requested, lambda name: _why_not(name, device, dtype), device.type)
 
 
 register_op(_OP, machine_unavailable)  # every backend runs this op wherever the backend itself runs
