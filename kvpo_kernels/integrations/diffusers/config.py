@@ -1,0 +1,65 @@
+"""Geometry of a streaming rollout (:class:`StreamingConfig`), the causal Wan2.1-T2V-1.3B transformer config and
+the per-block sample record (:class:`BlockRollout`)."""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import NamedTuple
+
+import torch
+
+
+# diffusers config of the causal Wan2.1-T2V-1.3B behind Self-Forcing / LongLive / MemFlow.
+WAN_T2V_1_3B_CONFIG = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
+}
+
+
+@dataclasses.dataclass
+class StreamingConfig:
+    """Geometry and sampler of a streaming rollout (defaults: LongLive on Wan2.1-T2V-1.3B at 480x832)."""
+
+    frames_per_block: int = 3       # latent frames per block
+    sink_frames: int = 3            # first frames, always visible
+    window_frames: int = 12         # frames a block sees in total, incl. sink and itself (LongLive: 12)
+    nearest_frames: int = 4         # with routing: the most recent frames incl. the current block (LongLive: 4)
+    timesteps: tuple = (1000, 750, 500, 250)
+    shift: float = 5.0              # sigma warp: s' = shift*s / (1 + (shift-1)*s), s = t/1000
+    # without routing a block sees: sink frames + the most recent (window_frames - sink_frames) frames incl. itself.
+    # with a route R (absolute frame indices of older frames): sink + R + the nearest_frames most recent incl. itself.
+    cache_frames: int = 21          # frames kept resident incl. the block being written (LongLive-KVPO: 21, so a
+    #                                 fork at frame >= 21 routes over 14 older frames); window_frames is the minimum
+    latent_height: int = 60         # latent grid of one frame: tokens per frame = (h / 2) * (w / 2) = 1560
+    latent_width: int = 104
+
+    def __post_init__(self):
+        for name in ("frames_per_block", "sink_frames", "window_frames", "nearest_frames", "cache_frames",
+                     "latent_height", "latent_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"StreamingConfig.{name} must be an int, got {value!r}")
+            if value < (0 if name == "sink_frames" else 1):
+                raise ValueError(f"StreamingConfig.{name} must be positive, got {value}")
+        self.timesteps = tuple(self.timesteps)
+        if not self.timesteps or any(not 0 < float(t) <= 1000 for t in self.timesteps):
+            raise ValueError(f"StreamingConfig.timesteps must be a non-empty sequence in (0, 1000], "
+                             f"got {self.timesteps}")
+        if not float(self.shift) > 0:
+            raise ValueError(f"StreamingConfig.shift must be > 0, got {self.shift}")
+
+    def sigmas(self) -> torch.Tensor:
+        """``[K]`` float32: ``s' = shift * s / (1 + (shift - 1) * s)`` with ``s = t / 1000``."""
+        s = torch.tensor([float(t) / 1000.0 for t in self.timesteps], dtype=torch.float64)
+        return (self.shift * s / (1 + (self.shift - 1) * s)).float()
+
+
+class BlockRollout(NamedTuple):
+    """One sampled block. ``x0 [B, C, f, H, W]`` the final clean block; ``x_t [K, B, C, f, H, W]`` the input of
+    each step; ``x0_pred [K, B, C, f, H, W]`` each step's prediction (``x0_pred[-1] is x0``); ``sigmas [K]``."""
+
+    x0: torch.Tensor
+    x_t: torch.Tensor
+    x0_pred: torch.Tensor
+    sigmas: torch.Tensor

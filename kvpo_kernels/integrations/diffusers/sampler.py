@@ -1,0 +1,246 @@
+"""The block-by-block few-step sampler of a causal Wan generator over a group KV cache."""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from ...cache import GroupKVCache
+from .config import BlockRollout, StreamingConfig
+from .processor import _BlockContext, _block_rotary, _installed_state, install_routed_attention
+
+
+class StreamingWanGenerator:
+    """Block-by-block few-step sampler of a causal Wan generator over a :class:`GroupKVCache`.
+
+    ``block_index`` ``i`` covers latent frames ``[i * f, (i + 1) * f)`` (``f = config.frames_per_block``); the
+    cache's batch holds the sequences (a group's branches + anchor) that run batched in one forward; ``routes``
+    (one entry per sequence: a list of older frames, or None for the default window) say which history each reads.
+
+    Args:
+        transformer: a ``diffusers.WanTransformer3DModel`` (patch_size[0] must be 1: one pool block = one frame).
+        config: window geometry and sampler.
+        backend: routed_attention backend (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"``).
+    """
+
+    def __init__(self, transformer, config: StreamingConfig = StreamingConfig(), *, backend: str = "auto"):
+        from diffusers import WanTransformer3DModel
+
+        if not isinstance(transformer, WanTransformer3DModel):
+            raise TypeError(f"transformer must be a diffusers.WanTransformer3DModel, got {type(transformer).__name__}")
+        if not isinstance(config, StreamingConfig):
+            raise TypeError(f"config must be a StreamingConfig, got {type(config).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        patch = tuple(transformer.config.patch_size)
+        if patch[0] != 1:
+            raise ValueError(f"transformer: temporal patch size must be 1 (one cache block per latent frame), "
+                             f"got patch_size {patch}")
+        if config.latent_height % patch[1] or config.latent_width % patch[2]:
+            raise ValueError(f"config: latent_height x latent_width ({config.latent_height} x {config.latent_width})"
+                             f" must be divisible by the spatial patch size {patch[1:]}")
+        # Validates the window geometry once, with the cache's own error messages.
+        GroupKVCache(1, 1, 1, 1, frames_per_block=config.frames_per_block, sink_frames=config.sink_frames,
+                     window_frames=config.window_frames, nearest_frames=config.nearest_frames,
+                     cache_frames=config.cache_frames, device="meta")
+        self.transformer = transformer
+        self.config = dataclasses.replace(config)  # a copy: the default instance is shared between generators
+        self.backend = backend
+        self._state = install_routed_attention(transformer)
+        self.sigmas = config.sigmas()
+
+    # ------------------------------------------------------------------------------------------------- helpers
+    @property
+    def frame_tokens(self) -> int:
+        _, ph, pw = self.transformer.config.patch_size
+        return (self.config.latent_height // ph) * (self.config.latent_width // pw)
+
+    @property
+    def num_routed(self) -> int:
+        """Routed frames per branch, ``window - sink - nearest`` (LongLive: 5)."""
+        c = self.config
+        return max(0, c.window_frames - c.sink_frames - c.nearest_frames)
+
+    def new_cache(self, batch_size: int, *, reserve_blocks: Optional[int] = None,
+                  dtype: Optional[torch.dtype] = None) -> GroupKVCache:
+        """An empty cache for ``batch_size`` sequences on the transformer's device.
+
+        ``dtype``: of the stored K/V, default the self-attention weights' dtype (pass the autocast dtype when the
+        weights are fp32 under autocast). ``reserve_blocks``: pool blocks allocated now (default
+        ``batch_size * cache_frames``, a rollout's steady state; see :meth:`GroupKVCache.reserve` for groups).
+        """
+        weight = self.transformer.blocks[0].attn1.to_k.weight
+        c = self.transformer.config
+        if reserve_blocks is None:
+            reserve_blocks = batch_size * self.config.cache_frames if weight.device.type != "meta" else 0
+        return GroupKVCache(c.num_layers, self.frame_tokens, c.num_attention_heads, c.attention_head_dim,
+                            batch_size=batch_size, frames_per_block=self.config.frames_per_block,
+                            sink_frames=self.config.sink_frames, window_frames=self.config.window_frames,
+                            nearest_frames=self.config.nearest_frames, cache_frames=self.config.cache_frames,
+                            dtype=weight.dtype if dtype is None else dtype, device=weight.device,
+                            reserve_blocks=reserve_blocks)
+
+    def route_pool(self, cache: GroupKVCache, block_index: int, perturbed_blocks: int = 1) -> list[int]:
+        """Frames a route may use when forking at ``block_index`` (see :meth:`GroupKVCache.route_pool`)."""
+        return cache.route_pool(self._start(block_index), perturbed_blocks)
+
+    def _start(self, block_index) -> int:
+        if isinstance(block_index, bool) or not isinstance(block_index, numbers.Integral):
+            raise TypeError(f"block_index must be an int, got {block_index!r}")
+        if block_index < 0:
+            raise ValueError(f"block_index must be >= 0, got {block_index}")
+        return int(block_index) * self.config.frames_per_block
+
+    def _check_block(self, cache, name: str, x: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        if not isinstance(cache, GroupKVCache):
+            raise TypeError(f"cache must be a GroupKVCache (from new_cache), got {type(cache).__name__}")
+        if not isinstance(x, torch.Tensor) or not isinstance(prompt_embeds, torch.Tensor):
+            raise TypeError(f"{name} and prompt_embeds must be tensors")
+        c = self.transformer.config
+        expected = (cache.batch_size, c.in_channels, self.config.frames_per_block, self.config.latent_height,
+                    self.config.latent_width)
+        if tuple(x.shape) != expected:
+            raise ValueError(f"{name} must have shape [B, C, f, H, W] = {list(expected)} (batch of the cache, "
+                             f"config.frames_per_block, config.latent_height/width), got {list(x.shape)}")
+        if cache.frame_tokens != self.frame_tokens or cache.num_layers != c.num_layers:
+            raise ValueError(f"cache: built for {cache.frame_tokens} tokens/frame and {cache.num_layers} layers, "
+                             f"this generator needs {self.frame_tokens} and {c.num_layers}")
+        if cache.device != x.device:
+            raise ValueError(f"{name} is on {x.device} but the cache is on {cache.device}")
+        if prompt_embeds.dim() != 3 or prompt_embeds.shape[0] not in (1, cache.batch_size) \
+                or prompt_embeds.shape[2] != c.text_dim:
+            raise ValueError(f"prompt_embeds must have shape [B or 1, L, text_dim={c.text_dim}], "
+                             f"got {list(prompt_embeds.shape)}")
+        return prompt_embeds.expand(cache.batch_size, -1, -1)
+
+    def _sigma(self, sigma, batch: int, device) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] not in (1, batch)):
+            raise ValueError(f"sigma must be a float, a scalar tensor or a [B={batch}] tensor, "
+                             f"got shape {list(sigma.shape)}")
+        return sigma.reshape(-1).expand(batch)
+
+    def _forward(self, cache: GroupKVCache, start: int, x: torch.Tensor, sigma: torch.Tensor,
+                 prompt_embeds: torch.Tensor, tables, write_ids) -> torch.Tensor:
+        """Velocity ``v [B, C, f, H, W]`` of one block, attending to the cache (and writing it with write_ids)."""
+        table, counts = tables
+        _, ph, pw = self.transformer.config.patch_size
+        rotary = _block_rotary(self.transformer.rope, start, x.shape[2], x.shape[3] // ph, x.shape[4] // pw)
+        rotary = tuple(r.to(x.device) for r in rotary)
+        transformer = self.transformer
+        if _installed_state(transformer) is not self._state:
+            raise RuntimeError("the transformer's self-attention processors were replaced after this generator "
+                               "installed its own (set_attn_processor?): build a new StreamingWanGenerator")
+        context = _BlockContext(cache, table, counts, rotary, write_ids, self.backend)
+        patched = transformer.gradient_checkpointing and torch.is_grad_enabled()
+        if patched:
+            # A checkpointed block recomputes during backward, after this call returned: bind its context there
+            # too, so the recomputation reads the same cache view.
+            outer = transformer._gradient_checkpointing_func
+
+            def bound(block, *args):
+                def run(*inner):
+                    with self._state.bind(context):
+                        return block(*inner)
+                return outer(run, *args)
+
+            transformer._gradient_checkpointing_func = bound
+        dtype = transformer.patch_embedding.weight.dtype
+        try:
+            with self._state.bind(context):
+                return transformer(x.to(dtype), sigma * 1000.0, prompt_embeds.to(dtype), return_dict=False)[0]
+        finally:
+            if patched:
+                transformer._gradient_checkpointing_func = outer
+
+    # ---------------------------------------------------------------------------------------------- public API
+    def predict_x0(self, cache: GroupKVCache, block_index: int, x_t: torch.Tensor, sigma, prompt_embeds,
+                   *, routes: Optional[Sequence] = None) -> torch.Tensor:
+        """``x0 = x_t - sigma * v(x_t, 1000 * sigma)`` for block ``block_index`` of every sequence of ``cache``.
+
+        x_t: ``[B, C, f, H, W]``; sigma: float, scalar or ``[B]``; prompt_embeds: ``[B or 1, L, text_dim]``;
+        routes: None or one entry per sequence (list of older frames, or None for the default window).
+        Differentiable w.r.t. the transformer's parameters (and x_t, prompt_embeds); reads the cache, never
+        writes it. Returns ``[B, C, f, H, W]`` in x_t's dtype.
+        """
+        start = self._start(block_index)
+        prompt_embeds = self._check_block(cache, "x_t", x_t, prompt_embeds)
+        sigma = self._sigma(sigma, x_t.shape[0], x_t.device)
+        tables = cache.block_table(start, routes, device=x_t.device)
+        v = self._forward(cache, start, x_t, sigma, prompt_embeds, tables, None)
+        return (x_t.float() - sigma.view(-1, 1, 1, 1, 1) * v.float()).to(x_t.dtype)
+
+    @torch.no_grad()
+    def commit_block(self, cache: GroupKVCache, block_index: int, x0: torch.Tensor, prompt_embeds, *,
+                     routes: Optional[Sequence] = None) -> None:
+        """One forward of the clean block ``x0 [B, C, f, H, W]`` at timestep 0 that writes its K/V into the cache
+        (the block must be the cache's next one), then evicts the frames no later block can read."""
+        start = self._start(block_index)
+        prompt_embeds = self._check_block(cache, "x0", x0, prompt_embeds)
+        if cache.num_frames != start:
+            raise ValueError(f"block_index {block_index}: the cache holds frames up to {cache.num_frames}, so the "
+                             f"next block to commit starts at frame {cache.num_frames}, not {start}")
+        # The table (built before the new blocks exist) also validates the routes before anything is allocated.
+        tables = cache.block_table(start, routes, device=x0.device)
+        write_ids = cache.append_frames(self.config.frames_per_block)
+        try:
+            self._forward(cache, start, x0, self._sigma(0.0, x0.shape[0], x0.device), prompt_embeds, tables,
+                          write_ids)
+        finally:
+            cache.evict()
+
+    @torch.no_grad()
+    def generate_block(self, cache: GroupKVCache, block_index: int, noise: torch.Tensor, prompt_embeds, *,
+                       step_noise: Optional[Sequence[torch.Tensor]] = None, routes: Optional[Sequence] = None,
+                       commit: bool = True) -> BlockRollout:
+        """The few-step sampler for one block: ``x_t0 = noise``; per step ``k``: ``x0_k = predict_x0(x_tk,
+        sigma_k)``, ``x_t(k+1) = (1 - s_(k+1)) x0_k + s_(k+1) step_noise[k]`` (``K - 1`` tensors like noise;
+        fresh ``randn`` when None); commits the final clean block when ``commit``. Runs without grad."""
+        steps = len(self.sigmas)
+        if step_noise is not None:
+            step_noise = list(step_noise)
+            if len(step_noise) != steps - 1:
+                raise ValueError(f"step_noise must hold K - 1 = {steps - 1} tensors (one per re-noising), "
+                                 f"got {len(step_noise)}")
+            for k, eps in enumerate(step_noise):
+                if not isinstance(eps, torch.Tensor) or eps.shape != noise.shape:
+                    raise ValueError(f"step_noise[{k}] must be a tensor of noise's shape {list(noise.shape)}")
+        sigmas = self.sigmas.to(noise.device)
+        x_t, inputs, preds = noise, [], []
+        for k in range(steps):
+            inputs.append(x_t)
+            x0 = self.predict_x0(cache, block_index, x_t, sigmas[k], prompt_embeds, routes=routes)
+            preds.append(x0)
+            if k + 1 < steps:
+                eps = torch.randn_like(noise) if step_noise is None else step_noise[k].to(noise)
+                x_t = ((1 - sigmas[k + 1]) * x0.float() + sigmas[k + 1] * eps.float()).to(noise.dtype)
+        if commit:
+            self.commit_block(cache, block_index, preds[-1], prompt_embeds, routes=routes)
+        return BlockRollout(preds[-1], torch.stack(inputs), torch.stack(preds), self.sigmas.clone())
+
+    @torch.no_grad()
+    def generate(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, *, cache: Optional[GroupKVCache] = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Sample ``noise [B, C, F, H, W]`` (F a multiple of frames_per_block) block by block into clean latents
+        ``[B, C, F, H, W]``, starting at the cache's next block (a new cache when None)."""
+        if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
+            raise ValueError(f"noise must be a [B, C, F, H, W] tensor, got "
+                             f"{list(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+        f = self.config.frames_per_block
+        if noise.shape[2] % f:
+            raise ValueError(f"noise: F = {noise.shape[2]} frames is not a multiple of frames_per_block = {f}")
+        cache = self.new_cache(noise.shape[0]) if cache is None else cache
+        if not isinstance(cache, GroupKVCache):
+            raise TypeError(f"cache must be a GroupKVCache, got {type(cache).__name__}")
+        if cache.num_frames % f:
+            raise ValueError(f"cache: holds {cache.num_frames} frames, not a whole number of blocks")
+        first = cache.num_frames // f
+        blocks = range(noise.shape[2] // f)
+        if progress:
+            from tqdm.auto import tqdm
+            blocks = tqdm(blocks, desc="blocks")
+        out = [self.generate_block(cache, first + i, noise[:, :, i * f:(i + 1) * f], prompt_embeds).x0
+               for i in blocks]
+        return torch.cat(out, dim=2)
