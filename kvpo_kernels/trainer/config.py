@@ -61,6 +61,8 @@ class StreamingSection:
     timesteps: Tuple[int, ...] = (1000, 750, 500, 250)  # denoising timesteps of the few-step sampler
     shift: float = 5.0                     # sigma warp s' = shift*s / (1 + (shift-1)*s)
     cache_frames: int = 8                  # frames kept resident incl. the block being written (LongLive-KVPO: 21)
+    context_noise: int = 0                 # timestep of the commit / re-cache forwards; input (1 - t/1000) x0 +
+    #                                        t/1000 noise (released: 0; see StreamingConfig.context_noise)
 
     def route_pool_size(self, fork_block: int, perturbed_blocks: int) -> int:
         """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula)."""
@@ -84,13 +86,18 @@ class RolloutConfig:
     num_prompts: int = 4                   # synthetic prompts (fixed random embeddings) when no prompt file is given
     prompt_length: int = 8                 # tokens per synthetic prompt embedding
     prompts_file: Optional[str] = None     # .pt file with precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
+    streaming_chunk_size: int = 5          # frames of the first streaming chunk (released 21; 0: one chunk, the video)
+    streaming_min_new_frame: int = 2       # frames of every later chunk (released 18): the perturbed chunk is the one
+    #                                        holding the fork; it sets the local reward and the policy window
+    align_switch_to_chunk: bool = True     # move each prompt switch to the first chunk start at or after it
 
 
 @dataclass
 class ReplayConfig:
     grad_steps: int = 2                    # gradients flow through the first k denoising steps of each block only
     step_weights: Optional[List[float]] = None  # per-step energy weights [K]; None: all 1
-    blocks: str = "perturbed"              # replayed blocks: perturbed (the P routed ones) | chunk (fork to end)
+    policy_window_frames: int = 0          # frames replayed from the fork block: 0 = auto (to the end of the perturbed
+    #                                        chunk, released); N > 0: N rounded up to blocks, at least P blocks
     energy_scale: float = 100.0            # multiplies E (a mean over elements): sets how peaked pi_theta is
     energy_backend: str = "auto"           # kernel backend of velocity_energy (auto | cuda | triton | cpu | torch)
     rematerialize: bool = False            # two-pass replay: energies without graph, then one (block, step) forward
@@ -111,6 +118,8 @@ class ObjectiveConfig:
 class RewardConfig:
     components: List[Dict[str, Any]] = field(default_factory=lambda: [{"name": "brightness", "weight": 1.0}])
     # built-in reward entries: {name: brightness | smoothness, weight: float, ...constructor kwargs}
+    long_reward_normal_clip_len: int = 36  # global reward: one clip of this many PIXEL frames per prompt segment
+    vae_temporal_stride: int = 4           # pixel frames per latent frame (latent l >= 1 -> pixels 4l-3 .. 4l)
 
 
 @dataclass
@@ -143,6 +152,31 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def _validate_chunks(self) -> None:
+        """Released fork eligibility: the P perturbed blocks lie in the fork's streaming chunk."""
+        from .rollout import chunk_layout
+
+        r, f = self.rollout, self.streaming.frames_per_block
+        for name in ("streaming_chunk_size", "streaming_min_new_frame"):
+            value = getattr(r, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % f:
+                raise ValueError(f"rollout.{name} must be an int >= 0 and a multiple of frames_per_block ({f}), "
+                                 f"got {value!r}")
+        if r.streaming_chunk_size > 0 and r.streaming_min_new_frame == 0:
+            raise ValueError("rollout.streaming_min_new_frame must be > 0 when streaming_chunk_size is set")
+        chunks = chunk_layout(r.num_blocks * f, r.streaming_chunk_size, r.streaming_min_new_frame)
+        for fork in range(r.fork_min, r.fork_max + 1):
+            start = fork * f
+            end = next(stop for begin, stop in chunks if begin <= start < stop)
+            if start + r.perturbed_blocks * f > end:
+                raise ValueError(f"rollout.fork_min/fork_max: the {r.perturbed_blocks} perturbed blocks from fork "
+                                 f"block {fork} (frame {start}) leave its streaming chunk (ends at frame {end}); "
+                                 f"change rollout.streaming_chunk_size / streaming_min_new_frame or the forks")
+        if self.replay.policy_window_frames < 0:
+            raise ValueError(f"replay.policy_window_frames must be >= 0, got {self.replay.policy_window_frames}")
+        if self.reward.long_reward_normal_clip_len < 1 or self.reward.vae_temporal_stride < 1:
+            raise ValueError("reward.long_reward_normal_clip_len and reward.vae_temporal_stride must be >= 1")
+
     def validate(self) -> "TrainConfig":
         r, s = self.rollout, self.streaming
         if not 0 <= r.fork_min <= r.fork_max:
@@ -161,8 +195,7 @@ class TrainConfig:
                                  f"(fork later, or raise streaming.cache_frames)")
         if r.sampler not in ("chr", "uniform"):
             raise ValueError(f"rollout.sampler must be 'chr' or 'uniform', got {r.sampler!r}")
-        if self.replay.blocks not in ("perturbed", "chunk"):
-            raise ValueError(f"replay.blocks must be 'perturbed' or 'chunk', got {self.replay.blocks!r}")
+        self._validate_chunks()
         steps = len(s.timesteps)
         if not 1 <= self.replay.grad_steps <= steps:
             raise ValueError(f"replay.grad_steps must be in [1, {steps}], got {self.replay.grad_steps}")
@@ -215,7 +248,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                       "cache_frames": 21},
         # forks at frame >= 21, as LongLive-KVPO: the route pool then holds 14 (P = 1) or 11 (P = 2) older frames
         "rollout": {"num_blocks": 10, "fork_min": 7, "fork_max": 8, "perturbed_blocks": 2, "num_branches": 8,
-                    "latent_height": 60, "latent_width": 104, "prompt_length": 512},
+                    "latent_height": 60, "latent_width": 104, "prompt_length": 512,
+                    "streaming_chunk_size": 21, "streaming_min_new_frame": 18},
         "replay": {"grad_steps": 2, "energy_scale": 1.0, "rematerialize": True},
         "optim": {"lr": 1e-5, "ema_decay": 0.999, "updates_per_rollout": 1},
         "run": {"steps": 500, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},
