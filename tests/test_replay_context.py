@@ -15,7 +15,7 @@ from kvpo_kernels.trainer.config import load_config
 from kvpo_kernels.trainer.loop import Trainer
 from kvpo_kernels.trainer.rollout import (PromptEntry, align_switch_frames, chunk_layout, global_reward_clips,
                                           group_rewards, group_rollout, latent_clip, parse_prompt_line,
-                                          policy_window, replay_energies)
+                                          policy_window, prompt_entries_from_lines, replay_energies)
 
 from _trainer_setup import FAST, one_thread  # noqa: F401  (autouse fixture)
 
@@ -213,3 +213,11 @@ def test_prompt_line_format_and_alignment():
         align_switch_frames([40, 50], chunks)
     with pytest.raises(ValueError):
         PromptEntry((0, 1))
+
+
+def test_prompt_entries_from_lines():
+    texts, entries = prompt_entries_from_lines(["a fox || 39 || a lake", "", "a lake", "the moon || 75 || a fox"])
+    assert texts == ["a fox", "a lake", "the moon"]
+    assert entries == [PromptEntry((0, 1), (39,)), PromptEntry((1,)), PromptEntry((2, 0), (75,))]
+    with pytest.raises(ValueError, match="blank"):
+        prompt_entries_from_lines(["  ", ""])

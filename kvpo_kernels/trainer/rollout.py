@@ -16,8 +16,9 @@ one line, segments and switch frames (absolute latent frames) alternating, separ
 
     a red fox runs through snow || 39 || the fox stops at a frozen lake || 75 || it looks up at the moon
 
-(:func:`parse_prompt_line`). With ``align_switch_to_chunk`` a switch moves to the first streaming-chunk start at or
-after it (released: 39, 75, 111 on chunks [0, 21), [21, 39), [39, 57), ...).
+(:func:`parse_prompt_line`; :func:`prompt_entries_from_lines` turns a file into segment texts + entries). With
+``align_switch_to_chunk`` a switch moves to the first streaming-chunk start at or after it (released: 39, 75, 111
+on chunks [0, 21), [21, 39), [39, 57), ...).
 
 Streaming chunks (released ``streaming_chunk_size`` 21, ``streaming_min_new_frame`` 18): the video is cut into
 ``[0, chunk_size)`` then pieces of ``min_new_frame`` frames (:func:`chunk_layout`); the perturbed chunk is the one
@@ -94,6 +95,27 @@ class PromptEntry:
         if not self.segment_ids or len(self.switch_frames) != len(self.segment_ids) - 1:
             raise ValueError(f"PromptEntry: {len(self.segment_ids)} segments need {len(self.segment_ids) - 1} "
                              f"switch frames, got {list(self.switch_frames)}")
+
+
+def prompt_entries_from_lines(lines: Sequence[str]) -> Tuple[List[str], List[PromptEntry]]:
+    """A prompts text file's lines (blank ones skipped) -> ``(texts, entries)``: the distinct segment texts in order
+    of first appearance (encode them into the trainer's prompt embeddings, row i = text i) and one
+    :class:`PromptEntry` per line whose segment ids index ``texts`` (the ids a RewardFn receives)."""
+    texts, index, entries = [], {}, []
+    for line in lines:
+        if not str(line).strip():
+            continue
+        segments, switches = parse_prompt_line(line)
+        ids = []
+        for text in segments:
+            if text not in index:
+                index[text] = len(texts)
+                texts.append(text)
+            ids.append(index[text])
+        entries.append(PromptEntry(tuple(ids), tuple(switches)))
+    if not entries:
+        raise ValueError("prompt lines: no prompt (every line is blank)")
+    return texts, entries
 
 
 def chunk_layout(num_frames: int, chunk_size: int, min_new_frame: int) -> List[Tuple[int, int]]:
