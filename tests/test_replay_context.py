@@ -34,9 +34,9 @@ def _rollout(gen, trainer, seed, **kwargs):
 
 def _manual_energies(gen, ro, num_blocks, own_context):
     """The replay by hand through the generator's public API: each block's history for the next is the policy's
-    own last-step x0 (own_context) or the rollout's clean block (what the replay did before)."""
+    own last-step x0 (own_context) or the rollout's clean block (what the replay did before). Unweighted: the mean
+    squared x0 residual ``[G, NB, K]`` (the replay's per-step weighting is pinned elsewhere)."""
     G, steps, f = ro.num_branches, ro.sigmas.numel(), gen.config.frames_per_block
-    weights = 1.0 / ro.sigmas.square()
     cache, prompt = ro.prefix_cache.fork(G), ro.prompt_embeds[0].expand(G, -1, -1)
     out = []
     with torch.no_grad():
@@ -44,7 +44,7 @@ def _manual_energies(gen, ro, num_blocks, own_context):
             preds = torch.stack([gen.predict_x0(cache, ro.fork_block + i, ro.x_t[i, k, :G], ro.sigmas[k], prompt)
                                  for k in range(steps)], dim=1)
             target = ro.x0_pred[i, :, :G].transpose(0, 1)
-            out.append(velocity_energy(preds, target, weights, backend="torch"))
+            out.append(velocity_energy(preds, target, backend="torch"))
             context = preds[:, -1] if own_context else ro.chunk[:G, :, i * f:(i + 1) * f]
             noise = None if ro.commit_noise is None else ro.commit_noise[i].expand(G, -1, -1, -1, -1)
             gen.commit_block(cache, ro.fork_block + i, context, prompt, commit_noise=noise)
@@ -60,10 +60,12 @@ def test_replay_context_is_the_policys_own_committed_x0(tmp_path):
     energy = replay_energies(trainer.generator, ro, num_blocks=3, grad_steps=2, backend="torch")
     own = _manual_energies(trainer.generator, ro, 3, own_context=True)
     rollout_context = _manual_energies(trainer.generator, ro, 3, own_context=False)
-    torch.testing.assert_close(energy.detach(), own, rtol=1e-5, atol=1e-12)
-    torch.testing.assert_close(energy[:, 0].detach(), rollout_context[:, 0], rtol=1e-5, atol=1e-12)
+    # The replay's energy is a per-step weight times the x0 residual: the same weight for every branch and block.
+    step_weight = (energy.detach() / own)[:1, :1]
+    torch.testing.assert_close(energy.detach(), own * step_weight, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(own[:, 0], rollout_context[:, 0], rtol=1e-6, atol=0)
     # Later blocks see a different history than with the rollout's clean blocks: the test can tell them apart.
-    assert ((energy[:, 1:].detach() - rollout_context[:, 1:]).abs() > 1e-4 * rollout_context[:, 1:].abs()).any()
+    assert ((own[:, 1:] - rollout_context[:, 1:]).abs() > 1e-4 * rollout_context[:, 1:].abs()).any()
 
 
 @pytest.mark.parametrize("context_noise", [0, 50])
@@ -213,6 +215,15 @@ def test_prompt_line_format_and_alignment():
         align_switch_frames([40, 50], chunks)
     with pytest.raises(ValueError):
         PromptEntry((0, 1))
+
+
+def test_rollout_segment_errors(tmp_path):
+    trainer = _trainer(tmp_path)
+    two = [trainer.prompts[:1], trainer.prompts[1:2]]
+    for kwargs, match in ((dict(switch_frames=[7]), "segment_ids"), (dict(segment_ids=[0, 1]), "switch_frames"),
+                          (dict(segment_ids=[0, 1], switch_frames=[8]), "switch_frames")):
+        with pytest.raises(ValueError, match=match):
+            _rollout(trainer.generator, trainer, 1, prompt=two, **kwargs)
 
 
 def test_prompt_entries_from_lines():
