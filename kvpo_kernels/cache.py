@@ -346,7 +346,8 @@ class GroupKVCache:
         """Give resident ``frames`` fresh private blocks in every sequence (for a re-encode) and drop this cache's
         references to the old ones, which stay valid for any snapshot that maps them (no K/V copy).
 
-        Returns the new block ids ``int64 [B, len(frames)]`` that :meth:`write` fills.
+        Returns the new block ids ``int64 [B, len(frames)]`` that :meth:`write` fills (like append_frames' ids,
+        they are this cache's latest write targets).
         """
         frames = [int(f) for f in frames]
         if not frames or len(set(frames)) != len(frames):
@@ -360,7 +361,9 @@ class GroupKVCache:
                 frame_map[frame] = block
             ids.append(row)
         device = self.device if self.device.type != "meta" else torch.device("cpu")
-        return torch.tensor(ids, dtype=torch.int64, device=device)
+        rewritten = torch.tensor(ids, dtype=torch.int64, device=device)
+        self._appended = (rewritten, [block for row in ids for block in row])
+        return rewritten
 
     # ------------------------------------------------------------------------------------------ writing, eviction
     def append_frames(self, num_frames: Optional[int] = None) -> torch.Tensor:

@@ -232,3 +232,17 @@ def test_prompt_entries_from_lines():
     assert entries == [PromptEntry((0, 1), (39,)), PromptEntry((1,)), PromptEntry((2, 0), (75,))]
     with pytest.raises(ValueError, match="blank"):
         prompt_entries_from_lines(["  ", ""])
+
+
+def test_multi_prompt_rollout_and_replay_never_grow_the_kv_pool(tmp_path, monkeypatch):
+    """Re-encodes allocate before they free: the rollout reserves that room too (a growth copies the pool)."""
+    from kvpo_kernels.cache import _BlockPool
+
+    trainer = _trainer(tmp_path)
+    grows, real_grow = [], _BlockPool.grow
+    monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
+    prompts = [trainer.prompts[i:i + 1] for i in range(3)]
+    ro = _rollout(trainer.generator, trainer, 15, prompt=prompts, segment_ids=[0, 1, 2], switch_frames=[3, 7],
+                  chunks=trainer.chunks)
+    replay_energies(trainer.generator, ro, grad_steps=1)
+    assert len(grows) == 1, f"the pool grew after it was made: {grows}"
