@@ -200,3 +200,20 @@ def test_context_noise_commit():
                           plain.predict_x0(b, 1, x_t, 0.8, prompt))
     with pytest.raises(ValueError, match="context_noise"):
         StreamingConfig(context_noise=1000)
+
+
+def test_rewrite_frames_and_frames_table_errors():
+    gen = StreamingWanGenerator(_model(11), CONFIG, backend="torch")
+    cache = gen.new_cache(2)
+    gen.commit_block(cache, 0, torch.randn(2, 4, 3, 4, 6), torch.randn(1, 5, 32))
+    with pytest.raises(ValueError, match="not in the cache"):
+        cache.rewrite_frames([2, 3])
+    with pytest.raises(ValueError, match="distinct"):
+        cache.rewrite_frames([1, 1])
+    with pytest.raises(ValueError, match="not in the cache"):
+        cache.frames_table([5])
+    table, counts = cache.frames_table([])
+    assert table.shape == (2, 1) and counts.tolist() == [0, 0]
+    old = cache._maps[1][2]
+    new = cache.rewrite_frames([2])
+    assert new.shape == (2, 1) and cache._maps[1][2] == int(new[1, 0]) != old
