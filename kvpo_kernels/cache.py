@@ -322,6 +322,49 @@ class GroupKVCache:
             target = torch.device("cpu")
         return table.to(target), counts.to(target)
 
+    def _check_resident(self, frames: Sequence[int]) -> None:
+        for b, frame_map in enumerate(self._maps):
+            missing = [f for f in frames if f not in frame_map]
+            if missing:
+                raise ValueError(f"frames {missing} of sequence {b} are not in the cache (resident: "
+                                 f"{sorted(frame_map)})")
+
+    def frames_table(self, frames: Sequence[int], *, device: torch.device | str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block_table int32 [B, max(1, len(frames))], block_counts int32 [B])``: the blocks of the given frames
+        (in the given order) in every sequence, e.g. the sink that a prompt switch's re-encode reads."""
+        frames = [int(f) for f in frames]
+        self._check_resident(frames)
+        rows = [[frame_map[f] for f in frames] or [0] for frame_map in self._maps]
+        target = self.device if device is None else torch.device(device)
+        if target.type == "meta":
+            target = torch.device("cpu")
+        return (torch.tensor(rows, dtype=torch.int32, device=target),
+                torch.full((self.batch_size,), len(frames), dtype=torch.int32, device=target))
+
+    def rewrite_frames(self, frames: Sequence[int]) -> torch.Tensor:
+        """Give resident ``frames`` fresh private blocks in every sequence (for a re-encode) and drop this cache's
+        references to the old ones, which stay valid for any snapshot that maps them (no K/V copy).
+
+        Returns the new block ids ``int64 [B, len(frames)]`` that :meth:`write` fills (like append_frames' ids,
+        they are this cache's latest write targets).
+        """
+        frames = [int(f) for f in frames]
+        if not frames or len(set(frames)) != len(frames):
+            raise ValueError(f"frames must name distinct frames, got {frames}")
+        self._check_resident(frames)
+        ids = []
+        for frame_map in self._maps:
+            row = self._pool.allocate(len(frames))
+            for frame, block in zip(frames, row):
+                self._pool.decref(frame_map[frame])
+                frame_map[frame] = block
+            ids.append(row)
+        device = self.device if self.device.type != "meta" else torch.device("cpu")
+        rewritten = torch.tensor(ids, dtype=torch.int64, device=device)
+        self._appended = (rewritten, [block for row in ids for block in row])
+        return rewritten
+
     # ------------------------------------------------------------------------------------------ writing, eviction
     def append_frames(self, num_frames: Optional[int] = None) -> torch.Tensor:
         """Allocate private blocks for the next ``num_frames`` (default frames_per_block) frames of every sequence.

@@ -57,7 +57,7 @@ def test_rollout_and_replay_never_grow_the_kv_pool(tmp_path, monkeypatch):
     the 1.3B geometry); the replays reuse the group's freed blocks."""
     from kvpo_kernels.cache import _BlockPool
 
-    trainer = Trainer(tiny(tmp_path, "streaming.frames_per_block=2"))
+    trainer = Trainer(tiny(tmp_path, "streaming.frames_per_block=2", "rollout.streaming_chunk_size=0"))
     grows, real_grow = [], _BlockPool.grow
     monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
     ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=5,
@@ -149,7 +149,7 @@ def test_rematerialized_replay_gives_the_same_gradient(tmp_path):
     grads = {}
     for remat in (False, True):
         trainer = Trainer(tiny(tmp_path / str(remat), f"replay.rematerialize={str(remat).lower()}",
-                               "replay.blocks=chunk", "replay.grad_steps=3", "optim.updates_per_rollout=1",
+                               "replay.policy_window_frames=8", "replay.grad_steps=3", "optim.updates_per_rollout=1",
                                "rollout.num_branches=3"))
         record = trainer.train_step()
         assert not record["skipped"]
@@ -165,7 +165,7 @@ def test_rematerialized_replay_gives_the_same_gradient(tmp_path):
 def test_tiny_run_on_cuda(tmp_path, dtype):
     """The GPU path end to end: default kernel backends, gradient checkpointing and the two-pass replay."""
     config = load_config("tiny", overrides=["run.progress=false", "run.plot=false", f"run.output_dir={tmp_path}",
-                                            "run.device=cuda", f"model.dtype={dtype}", "replay.blocks=chunk",
+                                            "run.device=cuda", f"model.dtype={dtype}", "replay.policy_window_frames=8",
                                             "model.gradient_checkpointing=true", "replay.rematerialize=true"])
     trainer = Trainer(config)
     records = trainer.train(steps=3)

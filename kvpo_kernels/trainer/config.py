@@ -70,6 +70,8 @@ class StreamingSection:
     timesteps: Tuple[int, ...] = (1000, 750, 500, 250)  # denoising timesteps of the few-step sampler
     shift: float = 5.0                     # sigma warp s' = shift*s / (1 + (shift-1)*s)
     cache_frames: int = 8                  # frames kept resident incl. the block being written (LongLive-KVPO: 21)
+    context_noise: int = 0                 # timestep of the commit / re-cache forwards; input (1 - t/1000) x0 +
+    #                                        t/1000 noise (released: 0; see StreamingConfig.context_noise)
 
     def route_pool_size(self, fork_block: int, perturbed_blocks: int) -> int:
         """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula)."""
@@ -93,13 +95,18 @@ class RolloutConfig:
     num_prompts: int = 4                   # synthetic prompts (fixed random embeddings) when no prompt file is given
     prompt_length: int = 8                 # tokens per synthetic prompt embedding
     prompts_file: Optional[str] = None     # .pt file with precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
+    streaming_chunk_size: int = 5          # frames of the first streaming chunk (released 21; 0: one chunk, the video)
+    streaming_min_new_frame: int = 2       # frames of every later chunk (released 18): the perturbed chunk is the one
+    #                                        holding the fork; it sets the local reward and the policy window
+    align_switch_to_chunk: bool = True     # move each prompt switch to the first chunk start at or after it
 
 
 @dataclass
 class ReplayConfig:
     grad_steps: int = 2                    # gradients flow through the first k denoising steps of each block only
     step_weights: Optional[List[float]] = None  # per-step energy weights [K]; None: all 1
-    blocks: str = "perturbed"              # replayed blocks: perturbed (the P routed ones) | chunk (fork to end)
+    policy_window_frames: int = 0          # frames replayed from the fork block: 0 = auto (to the end of the perturbed
+    #                                        chunk, released); N > 0: N rounded up to blocks, at least P blocks
     energy_scale: float = 100.0            # multiplies E (a mean over elements): sets how peaked pi_theta is
     energy_backend: str = "auto"           # kernel backend of velocity_energy (auto | cuda | triton | cpu | torch)
     rematerialize: bool = False            # two-pass replay: energies without graph, then one (block, step) forward
@@ -120,6 +127,8 @@ class ObjectiveConfig:
 class RewardConfig:
     components: List[Dict[str, Any]] = field(default_factory=lambda: [{"name": "brightness", "weight": 1.0}])
     # built-in reward entries: {name: brightness | smoothness, weight: float, ...constructor kwargs}
+    long_reward_normal_clip_len: int = 36  # global reward: one clip of this many PIXEL frames per prompt segment
+    vae_temporal_stride: int = 4           # pixel frames per latent frame (latent l >= 1 -> pixels 4l-3 .. 4l)
 
 
 @dataclass
@@ -151,6 +160,27 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def _validate_chunks(self) -> None:
+        """Released fork eligibility: the P perturbed blocks lie in the fork's streaming chunk."""
+        from .rollout import chunk_layout
+
+        r, f = self.rollout, self.streaming.frames_per_block
+        for name in ("streaming_chunk_size", "streaming_min_new_frame"):
+            if getattr(r, name) % f:
+                raise InputValueError(f"rollout.{name}: must be a multiple of frames_per_block ({f}), "
+                                      f"got {getattr(r, name)}")
+        if r.streaming_chunk_size > 0 and r.streaming_min_new_frame == 0:
+            raise InputValueError("rollout.streaming_min_new_frame: must be > 0 when streaming_chunk_size is set")
+        chunks = chunk_layout(r.num_blocks * f, r.streaming_chunk_size, r.streaming_min_new_frame)
+        for fork in range(r.fork_min, r.fork_max + 1):
+            start = fork * f
+            end = next(stop for begin, stop in chunks if begin <= start < stop)
+            if start + r.perturbed_blocks * f > end:
+                raise InputValueError(f"rollout.fork_min/fork_max: the {r.perturbed_blocks} perturbed blocks from "
+                                      f"fork block {fork} (frame {start}) leave its streaming chunk (ends at frame "
+                                      f"{end}); change rollout.streaming_chunk_size / streaming_min_new_frame or "
+                                      f"the forks")
 
     def validate(self) -> "TrainConfig":
         """Check every field's type (from its annotation) and range (RANGES), then the cross-field rules; raises
@@ -184,6 +214,7 @@ class TrainConfig:
                     f"rollout.fork_min/fork_max: forking at block {fork} leaves an eligible pool of {pool} frames, "
                     f"not more than num_routed={routed}: the branches could not differ (fork later, or raise "
                     f"streaming.cache_frames)")
+        self._validate_chunks()
         steps = len(streaming.timesteps)
         if not 1 <= self.replay.grad_steps <= steps:
             raise InputValueError(f"replay.grad_steps: must be in [1, {steps}] (one per timestep), got "
@@ -290,7 +321,10 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "rollout.latent_height": ((lambda value: value >= 2 and value % 2 == 0), "an even integer >= 2 (2x2 patches)"),
     "rollout.latent_width": ((lambda value: value >= 2 and value % 2 == 0), "an even integer >= 2 (2x2 patches)"),
     "rollout.prompts_file": ((lambda value: value != ""), "a .pt file (or null)"),
-    "replay.grad_steps": _at_least(1), "replay.blocks": _one_of("perturbed", "chunk"),
+    "replay.grad_steps": _at_least(1), "replay.policy_window_frames": _at_least(0),
+    "rollout.streaming_chunk_size": _at_least(0), "rollout.streaming_min_new_frame": _at_least(0),
+    "streaming.context_noise": ((lambda value: 0 <= value < 1000), "a timestep in [0, 1000)"),
+    "reward.long_reward_normal_clip_len": _at_least(1), "reward.vae_temporal_stride": _at_least(1),
     "replay.step_weights": _each(lambda value: value >= 0, "a list of numbers >= 0 (or null)"),
     "replay.energy_scale": ((lambda value: value > 0), "> 0"), "replay.energy_backend": _one_of(*_BACKENDS),
     "objective.clip_low": ((lambda value: 0 <= value < 1), "in [0, 1)"),
@@ -343,7 +377,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                       "cache_frames": 21},
         # forks at frame >= 21, as LongLive-KVPO: the route pool then holds 14 (P = 1) or 11 (P = 2) older frames
         "rollout": {"num_blocks": 10, "fork_min": 7, "fork_max": 8, "perturbed_blocks": 2, "num_branches": 8,
-                    "latent_height": 60, "latent_width": 104, "prompt_length": 512},
+                    "latent_height": 60, "latent_width": 104, "prompt_length": 512,
+                    "streaming_chunk_size": 21, "streaming_min_new_frame": 18},
         "replay": {"grad_steps": 2, "energy_scale": 1.0, "rematerialize": True},
         "optim": {"lr": 1e-5, "ema_decay": 0.999, "updates_per_rollout": 1},
         "run": {"steps": 500, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},

@@ -5,7 +5,8 @@ One optimizer step (``Trainer.train_step``):
 1. every ``optim.old_sync_every`` rollouts the old (rollout) policy becomes a copy of the policy;
 2. each rank rolls out its share of the step's groups with the old policy (``rollout.group_rollout``), seeded by
    (run seed, step, global group index), so any number of ranks sees the same data;
-3. rewards of the chunk ("local") and of the whole video ("global") -> anchor-relative advantages ``[G]``;
+3. rewards of the perturbed streaming chunk ("local") and of one clip per prompt segment over the whole video
+   ("global", averaged; :func:`~kvpo_kernels.trainer.rollout.group_rewards`) -> anchor-relative advantages ``[G]``;
 4. branch log-likelihoods from TVE replays: the policy's (with graph), the old policy's and the initial
    (reference) policy's (no graph; skipped when equal to the policy's): :meth:`Trainer._settle_energies`;
 5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward (:meth:`Trainer._group_loss`),
@@ -36,7 +37,8 @@ from .metrics import AVERAGED_METRICS
 from .model import build_transformer, resolve_device
 from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
 from .rewards import RewardFn, build_reward
-from .rollout import GroupRollout, backward_through_replay, group_rollout, replay_energies
+from .rollout import (GroupRollout, PromptEntry, align_switch_frames, backward_through_replay, chunk_layout,
+                      group_rewards, group_rollout, replay_energies)
 
 
 def _finite_or_none(value: float) -> Optional[float]:
@@ -106,12 +108,14 @@ class Trainer:
 
     config: a validated :class:`TrainConfig`. Optional overrides for use from Python: ``transformer`` (a
     WanTransformer3DModel, e.g. with LoRA adapters), ``reward_fn`` (any :class:`RewardFn`; then the component weights
-    default to 1), ``prompt_embeds`` (``[P, L, text_dim]``), ``dist`` (from :func:`init_distributed`).
+    default to 1), ``prompt_embeds`` (``[P, L, text_dim]``), ``prompt_entries`` (multi-prompt videos: a list of
+    :class:`~kvpo_kernels.trainer.rollout.PromptEntry` whose segment ids index prompt_embeds; default one
+    single-segment entry per embedding), ``dist`` (from :func:`init_distributed`).
     """
 
     def __init__(self, config: TrainConfig, *, transformer=None, reward_fn: Optional[RewardFn] = None,
-                 prompt_embeds: Optional[torch.Tensor] = None, dist: Optional[DistInfo] = None,
-                 allow_config_change: bool = False):
+                 prompt_embeds: Optional[torch.Tensor] = None, prompt_entries: Optional[List[PromptEntry]] = None,
+                 dist: Optional[DistInfo] = None, allow_config_change: bool = False):
         from ..integrations.diffusers import StreamingConfig, StreamingWanGenerator
 
         # Every input is checked before the model is built (minutes and GBs at 1.3B).
@@ -136,7 +140,7 @@ class Trainer:
                             window_frames=streaming.window_frames, nearest_frames=streaming.nearest_frames,
                             timesteps=tuple(streaming.timesteps), shift=streaming.shift,
                             cache_frames=streaming.cache_frames, latent_height=config.rollout.latent_height,
-                            latent_width=config.rollout.latent_width),
+                            latent_width=config.rollout.latent_width, context_noise=streaming.context_noise),
             backend=config.model.backend)
         model_config = self.transformer.config
         self.latent_shape = (model_config.in_channels, config.rollout.latent_height, config.rollout.latent_width)
@@ -147,6 +151,10 @@ class Trainer:
                                   generator=rng)
         model_dtype = next(self.transformer.parameters()).dtype
         self.prompts = _check_prompt_width(prompts, model_config.text_dim, prompts_source).to(self.device, model_dtype)
+        rollout_config = config.rollout
+        self.chunks = chunk_layout(rollout_config.num_blocks * streaming.frames_per_block,
+                                   rollout_config.streaming_chunk_size, rollout_config.streaming_min_new_frame)
+        self.prompt_entries = self._prompt_entries(prompt_entries)
         if reward_fn is None:
             reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed)
             weights = [float(spec.get("weight", 1.0)) for spec in config.reward.components]
@@ -216,6 +224,26 @@ class Trainer:
             raise InputValueError(f"{source}: holds non-finite values (NaN / inf)")
         return (prompt_embeds if text_dim is None else _check_prompt_width(prompt_embeds, text_dim, source)), source
 
+    def _prompt_entries(self, entries: Optional[List[PromptEntry]]) -> List[PromptEntry]:
+        """The training prompts: each entry's segments index ``self.prompts`` (default: one single-segment entry per
+        embedding); switch frames aligned to the streaming chunks when ``rollout.align_switch_to_chunk``."""
+        if entries is None:
+            return [PromptEntry((index,)) for index in range(self.prompts.shape[0])]
+        aligned = []
+        for entry in entries:
+            if not isinstance(entry, PromptEntry):
+                raise InputTypeError(f"prompt_entries must hold PromptEntry items, got {type(entry).__name__}")
+            if any(not 0 <= index < self.prompts.shape[0] for index in entry.segment_ids):
+                raise InputValueError(f"prompt_entries: segment ids {entry.segment_ids} outside the "
+                                 f"{self.prompts.shape[0]} prompt embeddings")
+            switches = entry.switch_frames
+            if self.config.rollout.align_switch_to_chunk and switches:
+                switches = tuple(align_switch_frames(switches, self.chunks))
+            aligned.append(PromptEntry(entry.segment_ids, switches))
+        if not aligned:
+            raise InputValueError("prompt_entries must hold at least one entry")
+        return aligned
+
     @contextmanager
     def _weights(self, state: Optional[List[torch.Tensor]]):
         """Run with `state` as the trainable weights (a pointer swap, no copy); None: the policy's own."""
@@ -238,11 +266,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ one step
     def _replay(self, rollout: GroupRollout, *, grad: bool) -> torch.Tensor:
-        replay, rollout_config = self.config.replay, self.config.rollout
-        blocks = (rollout.perturbed_blocks if replay.blocks == "perturbed"
-                  else rollout_config.num_blocks - rollout.fork_block)
-        with torch.set_grad_enabled(grad):
-            return replay_energies(self.generator, rollout, num_blocks=blocks, grad_steps=replay.grad_steps,
+        replay = self.config.replay
+        with torch.set_grad_enabled(grad):  # the policy window: rollout.window_blocks
+            return replay_energies(self.generator, rollout, grad_steps=replay.grad_steps,
                                    step_weights=self.step_weights, energy_scale=replay.energy_scale,
                                    backend=replay.energy_backend)
 
@@ -272,18 +298,23 @@ class Trainer:
         """Roll out one group with the old policy and score it: rewards, advantages, old/reference energies."""
         config, rollout_config = self.config, self.config.rollout
         rng = self._group_rng(group_index)
-        prompt_id = int(torch.randint(self.prompts.shape[0], (1,), generator=rng))
+        prompt_id = int(torch.randint(len(self.prompt_entries), (1,), generator=rng))
+        entry = self.prompt_entries[prompt_id]
         fork = int(torch.randint(rollout_config.fork_min, rollout_config.fork_max + 1, (1,), generator=rng))
         with self._weights(None if old_is_policy else self.old):
-            rollout = group_rollout(self.generator, self.prompts[prompt_id:prompt_id + 1], prompt_id=prompt_id,
+            rollout = group_rollout(self.generator, [self.prompts[i:i + 1] for i in entry.segment_ids],
+                                    prompt_id=prompt_id, segment_ids=entry.segment_ids,
+                                    switch_frames=entry.switch_frames, chunks=self.chunks,
+                                    policy_window_frames=config.replay.policy_window_frames,
                                     num_blocks=rollout_config.num_blocks, fork_block=fork,
                                     perturbed_blocks=rollout_config.perturbed_blocks,
                                     num_branches=rollout_config.num_branches, num_routed=config.num_routed(),
                                     latent_shape=self.latent_shape, rng=rng, sampler=rollout_config.sampler)
-            ids = torch.full((rollout_config.num_branches + 1,), prompt_id, dtype=torch.long)
-            with torch.no_grad():
-                local = _check_rewards(self.reward_fn(rollout.chunk, ids), self.reward_fn, len(ids))
-                whole = _check_rewards(self.reward_fn(rollout.video(), ids), self.reward_fn, len(ids))
+            def checked_reward(latents, ids):
+                return _check_rewards(self.reward_fn(latents, ids), self.reward_fn, len(ids))
+
+            local, whole = group_rewards(checked_reward, rollout, clip_len=config.reward.long_reward_normal_clip_len,
+                                         stride=config.reward.vae_temporal_stride)
             objective = config.objective
             advantages = anchor_relative_advantages(local, whole, self.component_weights,
                                                     signal_weights=(objective.local_weight, objective.global_weight),

@@ -11,9 +11,10 @@ One module per concern (the public names are re-exported here):
   Cross-attention is left unchanged.
 - ``sampler``: :class:`StreamingWanGenerator`, the few-step block-by-block sampler of the distilled causal Wan
   generators (Self-Forcing / LongLive): per block, per step, predict x0 (flow matching ``x0 = x_t - sigma * v``)
-  and re-noise to the next sigma; then one forward on the clean block at timestep 0 writes its K/V into the
-  cache. All sequences of a cache (a group's branches and the anchor) run batched in one forward, each with its
-  own route.
+  and re-noise to the next sigma; then one forward on the clean block at timestep ``context_noise`` (0) writes
+  its K/V into the cache. All sequences of a cache (a group's branches and the anchor) run batched in one
+  forward, each with its own route. Multi-prompt videos (LongLive): at a prompt switch, ``recache`` re-encodes
+  the retained window under the new prompt in one batched forward into fresh cache blocks (global sink).
 - ``weights``: :func:`load_causal_wan_weights` maps Self-Forcing / LongLive checkpoints (original Wan names,
   ``.pt`` or safetensors) onto ``WanTransformer3DModel``.
 

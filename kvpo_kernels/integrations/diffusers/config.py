@@ -33,6 +33,10 @@ class StreamingConfig:
     #                                 fork at frame >= 21 routes over 14 older frames); window_frames is the minimum
     latent_height: int = 60         # latent grid of one frame: tokens per frame = (h / 2) * (w / 2) = 1560
     latent_width: int = 104
+    context_noise: int = 0          # timestep of the forward that commits a clean block (and re-encodes the window
+    #                                 at a prompt switch); a commit feeds (1 - c) x0 + c eps, c = context_noise/1000.
+    #                                 Released: 0. (Its 1000-step scheduler grid has no t = 0, so its add_noise uses
+    #                                 the nearest grid sigma, 0.005 at shift 5; ours commits x0 itself at 0.)
 
     def __post_init__(self):
         for name in ("frames_per_block", "sink_frames", "window_frames", "nearest_frames", "cache_frames",
@@ -42,12 +46,27 @@ class StreamingConfig:
                 raise TypeError(f"StreamingConfig.{name} must be an int, got {value!r}")
             if value < (0 if name == "sink_frames" else 1):
                 raise ValueError(f"StreamingConfig.{name} must be positive, got {value}")
+        if isinstance(self.context_noise, bool) or not isinstance(self.context_noise, numbers.Integral) \
+                or not 0 <= self.context_noise < 1000:
+            raise ValueError(f"StreamingConfig.context_noise must be an int timestep in [0, 1000), "
+                             f"got {self.context_noise!r}")
         self.timesteps = tuple(self.timesteps)
         if not self.timesteps or any(not 0 < float(t) <= 1000 for t in self.timesteps):
             raise ValueError(f"StreamingConfig.timesteps must be a non-empty sequence in (0, 1000], "
                              f"got {self.timesteps}")
         if not float(self.shift) > 0:
             raise ValueError(f"StreamingConfig.shift must be > 0, got {self.shift}")
+
+    @property
+    def context_sigma(self) -> float:
+        """Noise level of a commit's input, ``context_noise / 1000`` (the model sees timestep context_noise)."""
+        return self.context_noise / 1000.0
+
+    def recache_frames(self, start_frame: int) -> list[int]:
+        """Frames re-encoded under the new prompt at a switch before ``start_frame``: the ``window_frames -
+        sink_frames`` most recent non-sink frames (an unrouted block's window; LongLive's local budget). The sink
+        is global: it keeps the first prompt's K/V."""
+        return list(range(max(self.sink_frames, start_frame - (self.window_frames - self.sink_frames)), start_frame))
 
     def sigmas(self) -> torch.Tensor:
         """``[K]`` float32: ``s' = shift * s / (1 + (shift - 1) * s)`` with ``s = t / 1000``."""

@@ -93,17 +93,18 @@ class StreamingWanGenerator:
             raise ValueError(f"block_index must be >= 0, got {block_index}")
         return int(block_index) * self.config.frames_per_block
 
-    def _check_block(self, cache, name: str, x: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def _check_block(self, cache, name: str, x: torch.Tensor, prompt_embeds: torch.Tensor,
+                     frames: Optional[int] = None) -> torch.Tensor:
         if not isinstance(cache, GroupKVCache):
             raise TypeError(f"cache must be a GroupKVCache (from new_cache), got {type(cache).__name__}")
         if not isinstance(x, torch.Tensor) or not isinstance(prompt_embeds, torch.Tensor):
             raise TypeError(f"{name} and prompt_embeds must be tensors")
         c = self.transformer.config
-        expected = (cache.batch_size, c.in_channels, self.config.frames_per_block, self.config.latent_height,
-                    self.config.latent_width)
+        frames = self.config.frames_per_block if frames is None else frames
+        expected = (cache.batch_size, c.in_channels, frames, self.config.latent_height, self.config.latent_width)
         if tuple(x.shape) != expected:
-            raise ValueError(f"{name} must have shape [B, C, f, H, W] = {list(expected)} (batch of the cache, "
-                             f"config.frames_per_block, config.latent_height/width), got {list(x.shape)}")
+            raise ValueError(f"{name} must have shape [B, C, F, H, W] = {list(expected)} (batch of the cache, "
+                             f"{frames} frames, config.latent_height/width), got {list(x.shape)}")
         if cache.frame_tokens != self.frame_tokens or cache.num_layers != c.num_layers:
             raise ValueError(f"cache: built for {cache.frame_tokens} tokens/frame and {cache.num_layers} layers, "
                              f"this generator needs {self.frame_tokens} and {c.num_layers}")
@@ -172,32 +173,77 @@ class StreamingWanGenerator:
         v = self._forward(cache, start, x_t, sigma, prompt_embeds, tables, None)
         return (x_t.float() - sigma.view(-1, 1, 1, 1, 1) * v.float()).to(x_t.dtype)
 
+    def _context_input(self, x0: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """What a commit feeds the model: ``(1 - c) x0 + c noise`` with ``c = config.context_sigma`` (x0 at 0)."""
+        c = self.config.context_sigma
+        if c == 0:
+            return x0
+        if noise is None:
+            noise = torch.randn_like(x0)
+        elif not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
+            raise ValueError(f"commit_noise must be a tensor of x0's shape {list(x0.shape)}")
+        return ((1 - c) * x0.float() + c * noise.to(x0.device).float()).to(x0.dtype)
+
     @torch.no_grad()
     def commit_block(self, cache: GroupKVCache, block_index: int, x0: torch.Tensor, prompt_embeds, *,
-                     routes: Optional[Sequence] = None) -> None:
-        """One forward of the clean block ``x0 [B, C, f, H, W]`` at timestep 0 that writes its K/V into the cache
-        (the block must be the cache's next one), then evicts the frames no later block can read."""
+                     routes: Optional[Sequence] = None, commit_noise: Optional[torch.Tensor] = None) -> None:
+        """One forward of the clean block ``x0 [B, C, f, H, W]`` at timestep ``config.context_noise`` that writes
+        its K/V into the cache (the block must be the cache's next one), then evicts the frames no later block can
+        read. With ``context_noise > 0`` the input is ``(1 - c) x0 + c commit_noise`` (fresh ``randn`` when None)."""
         start = self._start(block_index)
         prompt_embeds = self._check_block(cache, "x0", x0, prompt_embeds)
         if cache.num_frames != start:
             raise ValueError(f"block_index {block_index}: the cache holds frames up to {cache.num_frames}, so the "
                              f"next block to commit starts at frame {cache.num_frames}, not {start}")
+        x_in = self._context_input(x0, commit_noise)
         # The table (built before the new blocks exist) also validates the routes before anything is allocated.
         tables = cache.block_table(start, routes, device=x0.device)
         write_ids = cache.append_frames(self.config.frames_per_block)
         try:
-            self._forward(cache, start, x0, self._sigma(0.0, x0.shape[0], x0.device), prompt_embeds, tables,
-                          write_ids)
+            self._forward(cache, start, x_in, self._sigma(self.config.context_sigma, x0.shape[0], x0.device),
+                          prompt_embeds, tables, write_ids)
         finally:
             cache.evict()
 
     @torch.no_grad()
+    def recache(self, cache: GroupKVCache, history: torch.Tensor, prompt_embeds) -> list[int]:
+        """LongLive's KV re-cache at a prompt switch: re-encode the retained window under the new prompt.
+
+        The frames ``config.recache_frames(cache.num_frames)`` (the most recent ``window - sink`` non-sink frames)
+        run through ONE forward at timestep ``context_noise`` with cross-attention on ``prompt_embeds``
+        ``[B or 1, L, text_dim]``; their queries attend to the sink (global sink: never re-encoded, it keeps the
+        first prompt's K/V) and to all re-encoded frames, as LongLive's re-cache forward does. ``history``
+        ``[B, C, T, H, W]``: the clean latents of the last ``T >= len(frames)`` frames before ``cache.num_frames``
+        (per sequence: a group's branches each re-encode their own video). The new K/V go to fresh blocks
+        (:meth:`GroupKVCache.rewrite_frames`): every sequence of the batch in one forward, no copy, and snapshots
+        taken before (e.g. a pre-fork cache) keep the old K/V. Returns the re-encoded frames.
+        """
+        if not isinstance(cache, GroupKVCache):
+            raise TypeError(f"cache must be a GroupKVCache (from new_cache), got {type(cache).__name__}")
+        start = cache.num_frames
+        frames = self.config.recache_frames(start)
+        if not frames:
+            return frames
+        if not isinstance(history, torch.Tensor) or history.dim() != 5 or history.shape[2] < len(frames):
+            raise ValueError(f"history must be [B, C, T, H, W] with T >= {len(frames)} (the re-encoded frames "
+                             f"{frames[0]}..{frames[-1]}), got "
+                             f"{list(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__}")
+        x = history[:, :, history.shape[2] - len(frames):]
+        prompt_embeds = self._check_block(cache, "history", x, prompt_embeds, frames=len(frames))
+        tables = cache.frames_table(range(min(self.config.sink_frames, start)), device=x.device)
+        write_ids = cache.rewrite_frames(frames)
+        self._forward(cache, frames[0], x, self._sigma(self.config.context_sigma, x.shape[0], x.device),
+                      prompt_embeds, tables, write_ids)
+        return frames
+
+    @torch.no_grad()
     def generate_block(self, cache: GroupKVCache, block_index: int, noise: torch.Tensor, prompt_embeds, *,
                        step_noise: Optional[Sequence[torch.Tensor]] = None, routes: Optional[Sequence] = None,
-                       commit: bool = True) -> BlockRollout:
+                       commit: bool = True, commit_noise: Optional[torch.Tensor] = None) -> BlockRollout:
         """The few-step sampler for one block: ``x_t0 = noise``; per step ``k``: ``x0_k = predict_x0(x_tk,
         sigma_k)``, ``x_t(k+1) = (1 - s_(k+1)) x0_k + s_(k+1) step_noise[k]`` (``K - 1`` tensors like noise;
-        fresh ``randn`` when None); commits the final clean block when ``commit``. Runs without grad."""
+        fresh ``randn`` when None); commits the final clean block when ``commit`` (see :meth:`commit_block` for
+        commit_noise). Runs without grad."""
         steps = len(self.sigmas)
         if step_noise is not None:
             step_noise = list(step_noise)
@@ -217,14 +263,20 @@ class StreamingWanGenerator:
                 eps = torch.randn_like(noise) if step_noise is None else step_noise[k].to(noise)
                 x_t = ((1 - sigmas[k + 1]) * x0.float() + sigmas[k + 1] * eps.float()).to(noise.dtype)
         if commit:
-            self.commit_block(cache, block_index, preds[-1], prompt_embeds, routes=routes)
+            self.commit_block(cache, block_index, preds[-1], prompt_embeds, routes=routes, commit_noise=commit_noise)
         return BlockRollout(preds[-1], torch.stack(inputs), torch.stack(preds), self.sigmas.clone())
 
     @torch.no_grad()
-    def generate(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, *, cache: Optional[GroupKVCache] = None,
-                 progress: bool = False) -> torch.Tensor:
+    def generate(self, noise: torch.Tensor, prompt_embeds, *, switch_frames: Sequence[int] = (),
+                 cache: Optional[GroupKVCache] = None, progress: bool = False) -> torch.Tensor:
         """Sample ``noise [B, C, F, H, W]`` (F a multiple of frames_per_block) block by block into clean latents
-        ``[B, C, F, H, W]``, starting at the cache's next block (a new cache when None)."""
+        ``[B, C, F, H, W]``, starting at the cache's next block (a new cache when None).
+
+        Multi-prompt (LongLive's interactive mode): ``prompt_embeds`` a list of S ``[B or 1, L, text_dim]``
+        segments and ``switch_frames`` their S - 1 absolute start frames (increasing block starts inside this
+        call); at each switch the window is re-encoded under the new segment (:meth:`recache`), then the blocks
+        from there on cross-attend to it. A single tensor is one segment.
+        """
         if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
             raise ValueError(f"noise must be a [B, C, F, H, W] tensor, got "
                              f"{list(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
@@ -237,10 +289,23 @@ class StreamingWanGenerator:
         if cache.num_frames % f:
             raise ValueError(f"cache: holds {cache.num_frames} frames, not a whole number of blocks")
         first = cache.num_frames // f
+        segments = [prompt_embeds] if isinstance(prompt_embeds, torch.Tensor) else list(prompt_embeds)
+        switches = [int(s) for s in switch_frames]
+        if len(segments) != len(switches) + 1:
+            raise ValueError(f"switch_frames: {len(segments)} prompt segments need {len(segments) - 1} switch "
+                             f"frames, got {switches}")
+        end = cache.num_frames + noise.shape[2]
+        if any(s % f or not cache.num_frames < s < end for s in switches) or switches != sorted(set(switches)):
+            raise ValueError(f"switch_frames must be increasing block starts (multiples of {f}) inside the "
+                             f"generated frames ({cache.num_frames}, {end}), got {switches}")
         blocks = range(noise.shape[2] // f)
         if progress:
             from tqdm.auto import tqdm
             blocks = tqdm(blocks, desc="blocks")
-        out = [self.generate_block(cache, first + i, noise[:, :, i * f:(i + 1) * f], prompt_embeds).x0
-               for i in blocks]
+        out, segment = [], 0
+        for i in blocks:
+            if (first + i) * f in switches:
+                segment += 1
+                self.recache(cache, torch.cat(out, dim=2), segments[segment])
+            out.append(self.generate_block(cache, first + i, noise[:, :, i * f:(i + 1) * f], segments[segment]).x0)
         return torch.cat(out, dim=2)
