@@ -41,9 +41,11 @@ def main(argv=None):
         config = load_config("tiny", overrides=[f"run.steps={args.steps}", f"run.output_dir={args.output or scratch}",
                                                 "run.progress=false", "run.plot=false", "run.resume=false"])
         records = Trainer(config, reward_fn=reward).train()
-    for record in records:  # a skipped step (non-finite loss) has None in place of its numbers
-        print(f"step {record['step']}: reward {record['reward_mean']}, loss {record['loss']}"
-              + (" (skipped)" if record["skipped"] else ""))
+    for record in records:
+        if record["skipped"]:  # a non-finite loss: the step left the weights as they were
+            print(f"step {record['step']}: skipped")
+        else:
+            print(f"step {record['step']}: reward {record['reward_mean']:.4f}, loss {record['loss']:.4g}")
 
 
 if __name__ == "__main__":
