@@ -13,10 +13,10 @@ import torch
 import kvpo_kernels
 from kvpo_kernels import reference
 
-# name: (G branches, K steps, latent block [C, f, H, W])
+# name: (G branches, K denoising steps, one latent block's shape (C, f, H, W))
 GEOMETRIES = {
-    "tiny": dict(G=4, K=4, block=(4, 1, 8, 8)),
-    "real": dict(G=8, K=4, block=(16, 3, 60, 104)),  # 299,520 elements per (branch, step)
+    "tiny": (4, 4, (4, 1, 8, 8)),
+    "real": (8, 4, (16, 3, 60, 104)),  # one 3-frame Wan block: 299,520 elements per (branch, step)
 }
 
 
@@ -24,15 +24,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", action="store_true", help="the Wan2.1 block geometry instead of the tiny one")
     args = parser.parse_args(argv)
-    g = GEOMETRIES["real" if args.real else "tiny"]
+    G, K, block = GEOMETRIES["real" if args.real else "tiny"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
 
     # pred: the policy's replayed x0 predictions; target: the rollout's, [G, K, C, f, H, W].
-    pred = torch.randn(g["G"], g["K"], *g["block"], device=device, dtype=dtype, requires_grad=True)
+    pred = torch.randn(G, K, *block, device=device, dtype=dtype, requires_grad=True)
     target = torch.randn_like(pred)
-    weight = torch.ones(g["K"], device=device)                 # [K] per-step weights (KVPO: all steps weigh 1)
+    weight = torch.ones(K, device=device)                      # [K] per-step weights (KVPO: all steps weigh 1)
 
     energy = kvpo_kernels.velocity_energy(pred, target, weight)  # fp32 [G, K]
     print(f"device {device}, dtype {dtype}: E {list(energy.shape)} {energy.dtype}")
