@@ -70,11 +70,11 @@ def main(argv=None):
                         routes=routes)                          # [8, C, f, H, W], differentiable
     energy = kvpo_kernels.velocity_energy(x0.unsqueeze(1), out.x0_pred[k, :BRANCHES].unsqueeze(1))  # fp32 [8, 1]
     energy.sum().backward()
-    grads = sum(p.grad is not None for p in transformer.parameters())
+    with_grad = sum(p.grad is not None for p in transformer.parameters())
     # The replay runs the rollout's own weights, so it reproduces the rollout: E = 0 (to rounding). After an
     # optimizer step E measures how far the policy moved, which is what the KVPO objective trains on.
     print(f"x0 {list(x0.shape)}, max energy {energy.max().item():.3g} (replay at the rollout's weights), "
-          f"{grads} parameter tensors got a gradient")
+          f"{with_grad} of {len(list(transformer.parameters()))} parameter tensors got a gradient")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Every script in examples/ runs (its default, CPU-sized variant) in a fresh interpreter and says what it shows."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,13 +9,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
-# What each example's output must contain (a line that only prints when the example checked what it shows).
+# Regular expressions each example's output must match: the shapes it promises and the checks it makes.
 EXPECTED = {
-    "routed_attention_basics.py": ["lse [3, 4, 5] torch.float32", "have zero gradient: True",
-                                   "max |out - float64 reference| = "],
-    "velocity_energy_basics.py": ["E [4, 4] torch.float32", "bitwise repeatable: True"],
-    "streaming_wan_group.py": ["out.x_t [4, 9, 4, 3, 4, 6]", "x0 [8, 4, 3, 4, 6]", "69 parameter tensors"],
-    "custom_reward_training.py": ["follows RewardFn: True", "step 3: "],
+    "routed_attention_basics.py": [r"lse \[3, 4, 5\] torch\.float32", r"have zero gradient: True",
+                                   r"max \|out - float64 reference\| = [0-9.]+e-0[5-9]"],
+    "velocity_energy_basics.py": [r"E \[4, 4\] torch\.float32", r"bitwise repeatable: True",
+                                  r"float64 reference\| = [0-9.]+e-0[6-9]"],
+    "streaming_wan_group.py": [r"out\.x_t \[4, 9, 4, 3, 4, 6\]", r"x0 \[8, 4, 3, 4, 6\]",
+                               r"(\d+) of \1 parameter tensors got a gradient"],
+    "custom_reward_training.py": [r"follows RewardFn: True", r"step 3: reward -?[0-9.]+, loss"],
 }
 
 
@@ -34,8 +37,8 @@ def test_every_named_example_exists():
 def test_example_runs(script):
     result = _run(script)
     assert result.returncode == 0, f"{script.name} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    for expected in EXPECTED.get(script.name, []):
-        assert expected in result.stdout, f"{script.name}: {expected!r} not in its output:\n{result.stdout}"
+    for pattern in EXPECTED.get(script.name, []):
+        assert re.search(pattern, result.stdout), f"{script.name}: no {pattern!r} in its output:\n{result.stdout}"
     assert result.stdout.strip(), f"{script.name} printed nothing"
 
 
