@@ -1,6 +1,7 @@
 """The README tells the truth: its code is what examples/ runs, its links resolve inside the repository, its test
 command is what CI runs, its Triton range is pyproject's, and its backends table is what the code accepts."""
 import re
+import shlex
 import textwrap
 from importlib import metadata
 from pathlib import Path
@@ -136,3 +137,27 @@ def test_backends_table_cell_is_what_the_code_accepts(op, backend):
         else:
             with pytest.raises((TypeError, ValueError)):
                 _call(op, backend, dtype, device)
+
+
+# ------------------------------------------------------------------------------------------ the trainer commands
+def _trainer_commands() -> list[list[str]]:
+    """Arguments of every kvpo-train / torchrun ... -m kvpo_kernels.trainer.cli line in the README's bash blocks."""
+    commands = []
+    for line in (line for block in _blocks("bash") for line in block.splitlines()):
+        words = shlex.split(line, comments=True)
+        for i, word in enumerate(words):
+            if word == "kvpo-train" or (word == "kvpo_kernels.trainer.cli" and words[i - 1] == "-m"):
+                tail = words[i + 1:]
+                commands.append(tail[:tail.index("&&")] if "&&" in tail else tail)
+    return commands
+
+
+def test_readme_trainer_commands_parse_and_their_configs_validate():
+    from kvpo_kernels.trainer.cli import _parser
+    from kvpo_kernels.trainer.config import load_config
+
+    commands = _trainer_commands()
+    assert any("torchrun" in block for block in _blocks("bash")) and len(commands) >= 4
+    for argv in commands:
+        args = _parser().parse_args(argv)
+        load_config(preset=args.preset, path=args.config, overrides=args.overrides)
