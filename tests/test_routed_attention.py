@@ -546,3 +546,46 @@ def test_kernels_compile_for_sm90_without_spills():
         assert usage["shared"] <= 227 * 1024, (name, usage)
         if name.endswith("bf16-D128") and usage["stack"] is not None:
             assert usage["stack"] == 0, f"{name} spills {usage['stack']} bytes of registers to the stack"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 13 defects: each test failed before its fix
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("table", [[[0, 1]], [[1, 0]]], ids=["masked-first", "masked-last"])
+def test_fully_masked_first_tile_is_not_nan(table, dtype):
+    """A first key tile whose scores are all -inf (a -inf key): the online softmax's running max stays -inf there,
+    and exp2(s - m) must not become exp2(-inf + inf) = NaN. Every backend agrees with the float64 truth 7.0."""
+    q = torch.ones(1, 1, 1, 1, dtype=dtype, device=DEVICE, requires_grad=True)
+    k_cache = torch.tensor([[[[-float("inf")]]], [[[0.0]]]], dtype=dtype, device=DEVICE)
+    k_cache.requires_grad_(True)
+    v_cache = torch.tensor([[[[5.0]]], [[[7.0]]]], dtype=dtype, device=DEVICE, requires_grad=True)
+    block_table = torch.tensor(table, dtype=torch.int32, device=DEVICE)
+    for backend in ("triton", "torch"):
+        out, lse = routed_attention(q, k_cache, v_cache, block_table, return_lse=True, backend=backend)
+        assert out.item() == 7.0 and lse.item() == 0.0, backend
+        # dq = sum_k dS K holds 0 * -inf = NaN in the float64 truth too; dK and dV are finite (the padded query
+        # rows of the dK/dV kernels' tile must not turn 0 * -inf into a NaN there either).
+        dk, dv = torch.autograd.grad(out.sum(), (k_cache, v_cache))
+        assert torch.equal(dk.flatten().float(), torch.tensor([0.0, 0.0])), backend
+        assert torch.equal(dv.flatten().float(), torch.tensor([0.0, 1.0])), backend
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e39, 3e38])
+def test_softmax_scale_not_finite_in_fp32_is_refused(scale):
+    """1e39 passes math.isfinite but is inf as an fp32 number (and 3e38 * log2(e), the kernels' base-2 scale, too)."""
+    with pytest.raises(ValueError, match="routed_attention: softmax_scale"):
+        routed_attention(**_valid(), softmax_scale=scale)
+
+
+def test_bf16_under_the_interpreter_is_refused_not_garbage():
+    """The interpreter's bf16 tl.dot multiplies raw bit patterns (an upstream Triton limitation): 264241152 instead
+    of 1. The triton backend refuses bf16 there, with the reason in the backend table."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("checks the interpreter")
+    ones = torch.ones(1, 1, 1, 16, dtype=torch.bfloat16)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="bfloat16.*TRITON_INTERPRET"):
+        routed_attention(ones, ones, ones, table, backend="triton")
+    out = routed_attention(ones, ones, ones, table, backend="torch")
+    assert torch.equal(out, ones)

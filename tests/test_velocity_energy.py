@@ -508,3 +508,14 @@ def test_triton_kernels_compile_for_sm90():
             assert usage["stack"] == 0, f"{name} spills {usage['stack']} bytes of registers to the stack"
         if not name.startswith("combine"):
             assert usage["v4_loads"] > 0, f"{name}: no 16-byte vector loads on aligned rows"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (2, 0)], ids=str)
+def test_no_rows_on_every_backend(backend, shape):
+    """B * T = 0 (the torch backend's reshape of 0 elements raised before the fix)."""
+    pred = torch.zeros(shape, requires_grad=True)
+    energy = kvpo_kernels.velocity_energy(pred, torch.zeros(shape), backend=backend)
+    assert energy.shape == shape[:2]
+    energy.sum().backward()
+    assert pred.grad.shape == shape

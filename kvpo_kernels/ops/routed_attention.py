@@ -14,11 +14,14 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backends import check_backend_name, machine_unavailable, register_op, select_backend, tensor_device_unavailable
+from .._device import assume_constant_result
+from .._backends import triton_interpreting, check_backend_name, machine_unavailable, register_op, select_backend, tensor_device_unavailable
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_HEAD_DIM = 256
+_LOG2E = math.log2(math.e)
+_FP32_MAX = torch.finfo(torch.float32).max
 _NO_NATIVE = {
     "cuda": "no CUDA C++ kernel for this op yet; use triton",
     "cpu": "no C++ CPU kernel for this op yet; use torch (or triton under TRITON_INTERPRET=1)",
@@ -73,7 +76,7 @@ def routed_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: T
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     if block_counts is None:
         block_counts = torch.full((batch,), block_table.shape[1], dtype=torch.int32, device=block_table.device)
-    chosen = _choose_backend(check_backend_name(backend), q.device.type)
+    chosen = _choose_backend(check_backend_name(backend), q.device.type, q.dtype)
     out, lse = torch.ops.kvpo.routed_attention_fwd(q, k_cache, v_cache, block_table, block_counts, k_new, v_new,
                                                    scale, chosen, check_block_ids)
     return (out, lse) if return_lse else out
@@ -148,8 +151,11 @@ def _validate(q, k_cache, v_cache, block_table, block_counts, k_new, v_new, soft
             raise ValueError(f"routed_attention: {name} is on {tensor.device}, q on {q.device} (one device for all)")
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
         raise TypeError(f"routed_attention: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if softmax_scale is not None and not math.isfinite(softmax_scale):
-        raise ValueError(f"routed_attention: softmax_scale must be finite, got {softmax_scale}")
+    if softmax_scale is not None and not abs(softmax_scale) * _LOG2E <= _FP32_MAX:
+        # The kernels scale scores by softmax_scale * log2(e) in fp32: past ~2.4e38 that is inf (and 1e39, which
+        # math.isfinite accepts, is no fp32 number at all).
+        raise ValueError(f"routed_attention: softmax_scale must be finite in float32, with |softmax_scale| * log2(e) "
+                         f"<= {_FP32_MAX:.4g}, got {softmax_scale}")
     for name, flag in (("return_lse", return_lse), ("check_block_ids", check_block_ids)):
         if not isinstance(flag, bool):
             raise TypeError(f"routed_attention: {name} must be a bool, got {type(flag).__name__}")
@@ -179,14 +185,17 @@ def _capability(backend: str) -> Optional[str]:
     return _NO_NATIVE.get(backend) or machine_unavailable(backend)
 
 
-@torch.compiler.assume_constant_result
-def _choose_backend(requested: str, device_type: str) -> str:
+@assume_constant_result
+def _choose_backend(requested: str, device_type: str, dtype: torch.dtype = torch.float32) -> str:
     """Backend for inputs on ``device_type``. Evaluated once at trace time under torch.compile (plain arguments)."""
 
     def why_not(backend: str) -> Optional[str]:
         if backend in _NO_NATIVE:
             return _NO_NATIVE[backend]
         if backend == "triton":
+            if dtype == torch.bfloat16 and triton_interpreting():
+                return ("bfloat16 does not run under TRITON_INTERPRET=1 (the interpreter's bf16 tl.dot multiplies raw "
+                        "bit patterns, an upstream Triton limitation); use float16/float32 there, or a CUDA device")
             return tensor_device_unavailable("triton", torch.device(device_type))
         return None
 

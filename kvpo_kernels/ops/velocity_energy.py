@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
+from .._device import assume_constant_result
 from .._backends import (check_backend_name, machine_unavailable, native_extension, register_op, select_backend,
                          tensor_device_unavailable)
 
@@ -88,7 +89,7 @@ def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> Optional
     return None
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend for these inputs (raises ``ValueError`` saying why when none can serve them).
 

@@ -126,10 +126,12 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_valid, offs_n, d_ok, qk_scale,
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    # Every tile holds at least one real key, so m_new is finite and alpha = exp2(-inf) = 0 on the first tile.
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    # A row whose keys so far all scored -inf (a -inf key, or a masked tile) keeps m = -inf: subtracting it would
+    # give exp2(-inf + inf) = NaN. Subtract 0 there instead: p = exp2(-inf) = 0 and alpha = exp2(m_i) = 0.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
@@ -362,6 +364,9 @@ def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
             delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M]: the key tile stays in registers, queries stream.
             p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+            # Padding query rows are zero: a -inf key scores 0 * -inf = NaN against them, and P^T dO would carry
+            # that NaN (times their zero dO) into every key's dV. Their lse = +inf alone does not cover it.
+            p_t = tl.where(m_ok[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
