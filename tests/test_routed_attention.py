@@ -490,7 +490,8 @@ import triton
 import kvpo_kernels.triton.routed_attention as m
 from _sm90 import compile_for_sm90
 
-POINTERS = {"Out", "Q", "Kc", "Vc", "Kn", "Vn", "DQ", "DO", "DKc", "DVc", "DKn", "DVn", "O"}
+FP32_POINTERS = {"Lse_ptr", "Delta_ptr", "DLse_ptr"}
+INDEX_POINTERS = {"Table_ptr", "Counts_ptr", "Readers_ptr", "ReaderPtr_ptr", "BlockOrder_ptr"}
 
 
 def compile_kernel(kernel, dtype, constexprs, config):
@@ -504,12 +505,12 @@ def compile_kernel(kernel, dtype, constexprs, config):
         if name in consts:
             signature[name] = "constexpr"
             continue
-        if name in POINTERS:
-            signature[name] = "*" + dtype
-        elif name in ("Lse", "Delta", "DLse"):
+        if name in FP32_POINTERS:
             signature[name] = "*fp32"
-        elif name in ("Table", "Counts", "Readers", "ReaderPtr", "BlockOrder"):
+        elif name in INDEX_POINTERS:
             signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype
         else:
             signature[name] = "fp32" if name in ("qk_scale", "softmax_scale") else "i32"
         if signature[name].startswith("*") or (name.startswith("stride_") and name != "stride_tb"):
