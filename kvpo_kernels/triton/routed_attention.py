@@ -135,8 +135,10 @@ def _span(i, count, b, hk, offs_n, offs_d, Kc_ptr, Vc_ptr, Kn_ptr, Vn_ptr, Table
         in_pool = i < count
         # int64: block id * block stride passes 2^31 elements for pools of a few GB. Span count reads no table entry.
         blk = tl.load(Table_ptr + b * stride_tb + i * stride_ti, mask=in_pool, other=0).to(tl.int64)
-        k_base = tl.where(in_pool, Kc_ptr + blk * stride_kcn + hk * stride_kch, Kn_ptr + b * stride_knb + hk * stride_knh)
-        v_base = tl.where(in_pool, Vc_ptr + blk * stride_vcn + hk * stride_vch, Vn_ptr + b * stride_vnb + hk * stride_vnh)
+        k_base = tl.where(in_pool, Kc_ptr + blk * stride_kcn + hk * stride_kch,
+                          Kn_ptr + b * stride_knb + hk * stride_knh)
+        v_base = tl.where(in_pool, Vc_ptr + blk * stride_vcn + hk * stride_vch,
+                          Vn_ptr + b * stride_vnb + hk * stride_vnh)
         k_rows = tl.where(in_pool, stride_kcs, stride_knm)
         v_rows = tl.where(in_pool, stride_vcs, stride_vnm)
         k_ptrs = _tile_ptrs(k_base, offs_n, k_rows, offs_d, tl.where(in_pool, stride_kcd, stride_knd))
