@@ -52,6 +52,9 @@ def routed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     acc = accumulation_dtype(q.dtype)
     max_blocks = block_table.shape[1]
+    if batch == 0:  # nothing to stack
+        out, lse = q.new_zeros(q.shape), q.new_zeros((0, q_heads, q_len), dtype=acc)
+        return (out, lse) if return_lse else out
     outs, lses = [], []
     for b in range(batch):
         count = max_blocks if block_counts is None else int(block_counts[b])

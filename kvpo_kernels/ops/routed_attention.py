@@ -246,9 +246,6 @@ def triton_forward(q, k_cache, v_cache, block_table, block_counts, k_new, v_new,
 
 def torch_forward(q, k_cache, v_cache, block_table, block_counts, k_new, v_new, softmax_scale):
     """The torch backend's forward: the reference. (out contiguous, lse in the accumulation dtype)."""
-    if q.shape[0] == 0:  # the reference stacks per-sequence results
-        lse = q.new_empty((0, q.shape[2], q.shape[1]), dtype=accumulation_dtype(q.dtype))
-        return q.new_empty(q.shape), lse
     out, lse = reference.routed_attention(q, k_cache, v_cache, block_table, block_counts, k_new, v_new,
                                           softmax_scale=softmax_scale, return_lse=True)
     return out.contiguous(), lse.to(accumulation_dtype(q.dtype)).contiguous()
