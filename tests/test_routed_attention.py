@@ -689,3 +689,22 @@ def test_backward_on_tail_tiles_with_very_negative_scores(dtype):
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name
         assert_close_to_truth(f"d{name}", grad, truth_grads[name], baseline.get(name))
+
+
+def test_torch_backward_does_no_work_for_gradients_nobody_needs(monkeypatch):
+    """Only q requires grad: the torch backend's backward must not build the pool's (or the chunk's) gradients."""
+    def no_pool_sum(*args, **kwargs):
+        raise AssertionError("the torch backward summed pool gradients nobody asked for")
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", no_pool_sum)
+    inputs = make_inputs(SHARED, torch.float32)
+    q = inputs["q"].requires_grad_()
+    routed_attention(**inputs, backend="torch").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    from kvpo_kernels.ops.routed_attention import torch_backward
+
+    out, lse = routed_attention(**inputs, return_lse=True, backend="torch")
+    grads = torch_backward(torch.ones_like(out), None, inputs["q"].detach(), inputs["k_cache"], inputs["v_cache"],
+                           inputs["block_table"], inputs["block_counts"], inputs["k_new"], inputs["v_new"],
+                           out.detach(), lse, 0.25, True, False, False)
+    assert grads[0] is not None and all(grad is None for grad in grads[1:])

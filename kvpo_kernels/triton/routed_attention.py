@@ -529,8 +529,8 @@ _BLOCK_CHUNK = 65532
 
 def _check_grid(batch: int, q_heads: int) -> None:
     if batch > _MAX_GRID_YZ or q_heads > _MAX_GRID_YZ:
-        raise ValueError(f"routed_attention (triton): B ({batch}) and Hq ({q_heads}) must be <= {_MAX_GRID_YZ} "
-                         f"(CUDA grid limit); split the batch")
+        raise ValueError(f"routed_attention: B ({batch}) and Hq ({q_heads}) must be <= {_MAX_GRID_YZ} on the triton "
+                         f"backend (CUDA grid limit); split the batch")
 
 
 def _new_strides(k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor]):
