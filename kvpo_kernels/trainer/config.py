@@ -50,6 +50,11 @@ class ModelConfig:
     latent_channels: int = 4               # random init only: in/out channels (Wan VAE: 16)
     trainable: List[str] = field(default_factory=list)  # train only parameters whose name contains one of these
     backend: str = "auto"                  # kernel backend of the routed attention processor
+    lora_rank: int = 0                     # LoRA rank on the transformer blocks' Linears (0: full fine-tune)
+    lora_alpha: Optional[float] = None     # LoRA alpha (None: = lora_rank)
+    lora_dropout: float = 0.0              # LoRA dropout
+    lora_targets: Optional[List[str]] = None  # Linear name patterns to adapt (None: every Linear of each block)
+    lora_checkpoint: Optional[str] = None  # LoRA weights to start from (LongLive's lora.pt)
 
 
 @dataclass
@@ -63,7 +68,7 @@ class StreamingSection:
     cache_frames: int = 8                  # frames kept resident incl. the block being written (LongLive-KVPO: 21)
 
     def route_pool_size(self, fork_block: int, perturbed_blocks: int) -> int:
-        """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula)."""
+        """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula; docs/recipe.md)."""
         f, start = self.frames_per_block, fork_block * self.frames_per_block
         first = max(self.sink_frames, start + (perturbed_blocks - 1) * f - (self.cache_frames - self.sink_frames - f))
         return max(0, start - (self.nearest_frames - f) - first)
@@ -73,7 +78,13 @@ class StreamingSection:
 class RolloutConfig:
     num_blocks: int = 8                    # blocks per video (the chunk ends with the video)
     fork_min: int = 5                      # earliest fork block (needs an eligible pool larger than num_routed)
-    fork_max: int = 6                      # latest fork block (inclusive); drawn uniformly per group
+    fork_max: int = 6                      # latest fork block (inclusive); the fork is drawn uniformly per group
+    #                                        over the eligible blocks in [fork_min, fork_max] (TrainConfig.fork_blocks)
+    chunk_frames: int = 0                  # frames of the first streaming chunk (released streaming_chunk_size; 0: the
+    #                                        whole video is one chunk); the P perturbed blocks lie inside one chunk
+    chunk_new_frames: int = 0              # frames of each later chunk (released streaming_min_new_frame)
+    fork_within_chunks: int = 0            # forks only inside the first N chunks (released
+    #                                        perturb_within_first_x_chunks; 0: no limit)
     perturbed_blocks: int = 1              # P: blocks generated with routed KV after the fork
     num_branches: int = 4                  # G: routed branches per group (plus one unperturbed anchor)
     num_routed: Optional[int] = None       # older frames each branch routes in; None: window - sink - nearest
@@ -91,7 +102,8 @@ class ReplayConfig:
     grad_steps: int = 2                    # gradients flow through the first k denoising steps of each block only
     step_weights: Optional[List[float]] = None  # per-step energy weights [K]; None: all 1
     blocks: str = "perturbed"              # replayed blocks: perturbed (the P routed ones) | chunk (fork to end)
-    energy_scale: float = 100.0            # multiplies E (a mean over elements): sets how peaked pi_theta is
+    energy_space: str = "x0"               # x0: released mean (x0_rollout - x0_replay)^2 | velocity: the same / sigma^2
+    energy_scale: float = 1.0              # multiplies E (a mean over elements): how peaked pi_theta is (released: 1)
     energy_backend: str = "auto"           # kernel backend of velocity_energy (auto | cuda | triton | cpu | torch)
     rematerialize: bool = False            # two-pass replay: energies without graph, then one (block, step) forward
     #                                        + backward at a time with dLoss/dE; one forward's activations alive
@@ -101,7 +113,7 @@ class ReplayConfig:
 class ObjectiveConfig:
     clip_low: float = 0.1                  # ratio clip: 1 - clip_low
     clip_high: float = 0.2                 # ratio clip: 1 + clip_high
-    beta: float = 0.01                     # weight of KL(pi_theta || pi_ref) against the initial policy
+    beta: float = 10.0                     # weight of KL(pi_theta || pi_ref) against the initial policy (kl_coef)
     advantage_clamp: float = 2.5           # |A| <= this
     local_weight: float = 1.0              # weight of the perturbed chunk's reward signal
     global_weight: float = 0.5             # weight of the whole video's reward signal
@@ -116,12 +128,23 @@ class RewardConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3                       # AdamW learning rate
-    weight_decay: float = 0.0              # AdamW weight decay
+    weight_decay: float = 0.01             # AdamW weight decay
+    warmup_steps: int = 5                  # constant LR after a linear warmup over this many old-policy windows
+    #                                        (released constant_with_warmup, stepped at each old-policy sync: the
+    #                                        window w trains at lr * min(1, w / warmup_steps); 0: constant)
     betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float = 1.0                 # clip the global gradient norm to this (0: off)
-    ema_decay: float = 0.0                 # EMA of the trainable weights (0: off), kept in checkpoints
-    updates_per_rollout: int = 2           # PPO epochs: updates on each rollout
-    old_sync_every: int = 1                # copy the policy into the old (rollout) policy every N rollouts
+    ema_decay: float = 0.999               # EMA of the trainable weights (0: off), kept in checkpoints
+    updates_per_rollout: int = 1           # PPO epochs: optimizer steps on each rollout (released ppo_epochs)
+    old_sync_every: int = 2                # copy the policy into the old (rollout) policy every N rollouts (released
+    #                                        gradient_accumulation_steps: one optimizer step per rollout, so every
+    #                                        second rollout is off-policy and the ratio clip can act)
+
+    def lr_at(self, window: int) -> float:
+        """The learning rate of old-policy window ``window`` (0-based): ``lr * min(1, window / warmup_steps)``."""
+        if self.warmup_steps <= 0 or window >= self.warmup_steps:
+            return self.lr
+        return self.lr * window / self.warmup_steps
 
 
 @dataclass
@@ -140,6 +163,16 @@ class TrainConfig:
         default = max(0, s.window_frames - s.sink_frames - s.nearest_frames)
         return default if self.rollout.num_routed is None else self.rollout.num_routed
 
+    def fork_blocks(self) -> List[int]:
+        """The eligible fork blocks, ascending: ``fork_min <= b <= fork_max`` whose P perturbed blocks lie inside
+        one chunk of the first ``fork_within_chunks`` chunks (released ``plan_perturbation``)."""
+        r, f = self.rollout, self.streaming.frames_per_block
+        chunks = chunk_layout(r.num_blocks * f, r.chunk_frames, r.chunk_new_frames)
+        if r.fork_within_chunks:
+            chunks = chunks[:r.fork_within_chunks]
+        return [block for block in range(r.fork_min, r.fork_max + 1)
+                if any(start <= block * f and (block + r.perturbed_blocks) * f <= end for start, end in chunks)]
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -152,15 +185,15 @@ class TrainConfig:
                              f"{r.perturbed_blocks}) must be <= num_blocks ({r.num_blocks})")
         if r.num_branches < 2:
             raise ValueError(f"rollout.num_branches must be >= 2, got {r.num_branches}")
-        routed = self.num_routed()
-        for fork in (r.fork_min, r.fork_max):
-            pool = s.route_pool_size(fork, r.perturbed_blocks)
-            if pool <= routed:
-                raise ValueError(f"rollout.fork_min/fork_max: forking at block {fork} leaves an eligible pool of {pool}"
-                                 f" frames, not more than num_routed={routed}: the branches could not differ "
-                                 f"(fork later, or raise streaming.cache_frames)")
+        self._validate_forks()
         if r.sampler not in ("chr", "uniform"):
             raise ValueError(f"rollout.sampler must be 'chr' or 'uniform', got {r.sampler!r}")
+        if self.replay.energy_space not in ("x0", "velocity"):
+            raise ValueError(f"replay.energy_space must be 'x0' or 'velocity', got {self.replay.energy_space!r}")
+        if self.optim.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        if self.model.lora_rank < 0:
+            raise ValueError(f"model.lora_rank must be >= 0, got {self.model.lora_rank}")
         if self.replay.blocks not in ("perturbed", "chunk"):
             raise ValueError(f"replay.blocks must be 'perturbed' or 'chunk', got {self.replay.blocks!r}")
         steps = len(s.timesteps)
@@ -175,6 +208,45 @@ class TrainConfig:
         if not self.reward.components:
             raise ValueError("reward.components must name at least one reward")
         return self
+
+    def _validate_forks(self) -> None:
+        """The chunk layout and the fork range leave eligible forks, each with a pool larger than num_routed."""
+        r, s = self.rollout, self.streaming
+        for name in ("chunk_frames", "chunk_new_frames"):
+            value = getattr(r, name)
+            if value < 0 or value % s.frames_per_block:
+                raise ValueError(f"rollout.{name} must be >= 0 and a multiple of streaming.frames_per_block "
+                                 f"({s.frames_per_block}), got {value}")
+        if r.fork_within_chunks < 0:
+            raise ValueError(f"rollout.fork_within_chunks must be >= 0, got {r.fork_within_chunks}")
+        if r.chunk_frames and not r.chunk_new_frames:
+            raise ValueError("rollout.chunk_new_frames must be > 0 when rollout.chunk_frames is set")
+        forks = self.fork_blocks()
+        if not forks:
+            raise ValueError(f"rollout.fork_min/fork_max: no block in [{r.fork_min}, {r.fork_max}] has its "
+                             f"{r.perturbed_blocks} perturbed blocks inside one chunk (rollout.chunk_frames, "
+                             f"chunk_new_frames, fork_within_chunks)")
+        routed = self.num_routed()
+        for fork in (forks[0], forks[-1]):  # the pool grows with the fork block until the cache is full
+            pool = s.route_pool_size(fork, r.perturbed_blocks)
+            if pool <= routed:
+                raise ValueError(f"rollout.fork_min/fork_max: forking at block {fork} leaves an eligible pool of {pool}"
+                                 f" frames, not more than num_routed={routed}: the branches could not differ "
+                                 f"(fork later, or raise streaming.cache_frames)")
+
+
+def chunk_layout(total_frames: int, chunk_frames: int, chunk_new_frames: int) -> List[Tuple[int, int]]:
+    """Streaming chunks ``[(start, end), ...]`` of a video (released ``_compute_chunk_layout``): the first holds
+    ``chunk_frames`` frames, each later one ``chunk_new_frames``, the last is cut at ``total_frames``.
+    ``chunk_frames == 0``: one chunk, the whole video. LongLive (147, 21, 18): [0, 21), [21, 39), ..., [129, 147)."""
+    if chunk_frames == 0:
+        return [(0, total_frames)]
+    chunks, start = [], 0
+    while start < total_frames:
+        end = min(start + (chunk_frames if not chunks else chunk_new_frames), total_frames)
+        chunks.append((start, end))
+        start = end
+    return chunks
 
 
 def _merge(instance, updates: Dict[str, Any], where: str):
@@ -208,17 +280,22 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # (Self-Forcing / LongLive .pt) or model.pretrained (diffusers folder), and text embeddings with
     # rollout.prompts_file (UMT5 outputs [P, 512, 4096]); without them it trains a random model on random prompts.
     "wan1.3b": {
+        # Every value below and every default it keeps: docs/recipe.md, with the released file and line.
         "model": {"dtype": "bfloat16", "num_layers": 30, "num_attention_heads": 12, "attention_head_dim": 128,
                   "ffn_dim": 8960, "text_dim": 4096, "freq_dim": 256, "latent_channels": 16,
-                  "gradient_checkpointing": True},
+                  "gradient_checkpointing": True, "lora_rank": 256, "lora_alpha": 256.0},
+        # local_attn_size 12 (sink 3 + 5 routed + 4 nearest), KV cache local 12 + slice_last_frames 21 = 33 frames
         "streaming": {"frames_per_block": 3, "sink_frames": 3, "window_frames": 12, "nearest_frames": 4,
-                      "cache_frames": 21},
-        # forks at frame >= 21, as LongLive-KVPO: the route pool then holds 14 (P = 1) or 11 (P = 2) older frames
-        "rollout": {"num_blocks": 10, "fork_min": 7, "fork_max": 8, "perturbed_blocks": 2, "num_branches": 8,
+                      "cache_frames": 33},
+        # 147 frames in chunks [0, 21), [21, 39), ... of 18; P = 5 blocks inside one of the first 7 chunks and at
+        # frame >= local_attn_size (12): 12 eligible forks, frames 21, 24, 39, 42, ..., 111, 114
+        "rollout": {"num_blocks": 49, "fork_min": 4, "fork_max": 44, "perturbed_blocks": 5, "num_branches": 8,
+                    "chunk_frames": 21, "chunk_new_frames": 18, "fork_within_chunks": 7, "groups_per_step": 8,
                     "latent_height": 60, "latent_width": 104, "prompt_length": 512},
-        "replay": {"grad_steps": 2, "energy_scale": 1.0, "rematerialize": True},
-        "optim": {"lr": 1e-5, "ema_decay": 0.999, "updates_per_rollout": 1},
-        "run": {"steps": 500, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},
+        "replay": {"grad_steps": 2, "rematerialize": True},
+        "optim": {"lr": 1e-5},
+        # max_train_steps 1500 counts old-policy windows of 2 rollouts; one of our steps is one rollout
+        "run": {"steps": 3000, "seed": 42, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},
     },
 }
 

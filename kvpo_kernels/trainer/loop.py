@@ -13,9 +13,11 @@ One optimizer step (``Trainer.train_step``):
    AdamW (on fp32 master weights for a bf16/fp16 model), EMA.
 
 Metrics (one JSON line per step in ``run.output_dir/metrics.jsonl``): reward_mean / reward_anchor / reward_best (the
-whole video's weighted reward: group mean, anchor, best branch), loss, policy_loss, kl, clip_fraction, ratio_mean,
-entropy (of the Gibbs branch policy), scale (anchor protection), advantage_mean / advantage_abs, energy_mean,
-grad_norm (before clipping), lr, skipped (+ skip_reason), time_s; averaged over groups and ranks.
+whole video's weighted reward: group mean, anchor, best branch), loss, policy_loss, kl, clip_fraction (ratios
+outside the clip range), ratio_mean / ratio_min / ratio_max (of the PPO ratio in each group; != 1 once the old
+policy lags, i.e. every second rollout by default), entropy (of the Gibbs branch policy), scale (anchor
+protection), advantage_mean / advantage_abs, energy_mean, grad_norm (before clipping), lr, skipped
+(+ skip_reason), time_s; averaged over groups and ranks.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ import torch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, save_config
 from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier, local_groups
-from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
+from .objective import (anchor_is_beaten, anchor_relative_advantages, branch_log_likelihood, kvpo_loss,
+                        step_temperatures)
 from .rewards import RewardFn, build_reward
 from .rollout import backward_through_replay, group_rollout, replay_energies
 
@@ -113,6 +116,9 @@ class Trainer:
         from ..integrations.diffusers import StreamingConfig, StreamingWanGenerator
 
         self.config = config.validate()
+        if config.model.lora_rank:
+            raise ValueError("model.lora_rank: LoRA adapters are not built by this trainer yet (set model.lora_rank=0"
+                             " for a full fine-tune, or pass a LoRA-wrapped `transformer`)")
         self.dist = dist or DistInfo()
         self.device = resolve_device(config.run.device, self.dist)
         self.transformer = (transformer if transformer is not None else build_transformer(config)).to(self.device)
@@ -209,7 +215,7 @@ class Trainer:
         with torch.set_grad_enabled(grad):
             return replay_energies(self.gen, rollout, num_blocks=blocks, grad_steps=r.grad_steps,
                                    step_weights=self.step_weights, energy_scale=r.energy_scale,
-                                   backend=r.energy_backend)
+                                   energy_space=r.energy_space, backend=r.energy_backend)
 
     def train_step(self) -> Dict:
         """One optimizer step (or ``updates_per_rollout`` of them on one rollout); returns the step's metrics."""
@@ -226,7 +232,8 @@ class Trainer:
         for group in groups:
             rng = self._group_rng(group)
             prompt_id = int(torch.randint(self.prompts.shape[0], (1,), generator=rng))
-            fork = int(torch.randint(r.fork_min, r.fork_max + 1, (1,), generator=rng))
+            forks = cfg.fork_blocks()
+            fork = forks[int(torch.randint(len(forks), (1,), generator=rng))]
             with self._weights(None if old_is_policy else self.old):
                 rollout = group_rollout(self.gen, self.prompts[prompt_id:prompt_id + 1], prompt_id=prompt_id,
                                         num_blocks=r.num_blocks, fork_block=fork, perturbed_blocks=r.perturbed_blocks,
@@ -241,11 +248,13 @@ class Trainer:
             advantages = anchor_relative_advantages(local, global_, self.component_weights,
                                                     signal_weights=(o.local_weight, o.global_weight),
                                                     clamp=o.advantage_clamp)
+            anchor_beaten = anchor_is_beaten(local, global_, self.component_weights)
             energy_ref = None
             if self.ref is not None and self.version != 0:
                 with self._weights(self.ref):
                     energy_ref = self._replay(rollout, grad=False)
-            data.append(dict(rollout=rollout, advantages=advantages, energy_old=energy_old, energy_ref=energy_ref,
+            data.append(dict(rollout=rollout, advantages=advantages, anchor_beaten=anchor_beaten,
+                             energy_old=energy_old, energy_ref=energy_ref,
                              reward=(global_ * self.component_weights).sum(1), fork=fork))
         self.rollouts += 1
 
@@ -261,7 +270,11 @@ class Trainer:
         o, total_groups = cfg.objective, cfg.rollout.groups_per_step
         self.transformer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = {key: 0.0 for key in ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "scale",
+        # The recipe's LR schedule steps once per old-policy window (released: at each old-policy sync).
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.optim.lr_at((self.rollouts - 1) // cfg.optim.old_sync_every)
+        sums = {key: 0.0 for key in ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "ratio_min",
+                                     "ratio_max", "entropy", "scale",
                                      "reward_mean", "reward_anchor", "reward_best", "advantage_mean",
                                      "advantage_abs", "energy_mean", "fork_block")}
         for item in data:
@@ -278,17 +291,19 @@ class Trainer:
                 item["energy_ref"] = energy.detach()
             energy_ref = item["energy_ref"]
             logl_ref = None if energy_ref is None else branch_log_likelihood(energy_ref.double(), tau)
-            terms = kvpo_loss(logl, logl_old, logl_ref, item["advantages"].to(self.device), clip_low=o.clip_low,
-                              clip_high=o.clip_high, beta=o.beta)
+            terms = kvpo_loss(logl, logl_old, logl_ref, item["advantages"].to(self.device),
+                              anchor_beaten=item["anchor_beaten"], clip_low=o.clip_low, clip_high=o.clip_high,
+                              beta=o.beta)
             (terms.loss / total_groups).backward()
             if remat:
                 rc = cfg.replay
                 backward_through_replay(self.gen, rollout, energy.grad, grad_steps=rc.grad_steps,
                                         step_weights=self.step_weights, energy_scale=rc.energy_scale,
-                                        backend=rc.energy_backend)
+                                        energy_space=rc.energy_space, backend=rc.energy_backend)
             reward = item["reward"]
             for key, value in (("loss", terms.loss), ("policy_loss", terms.policy_loss), ("kl", terms.kl),
                                ("clip_fraction", terms.clip_fraction), ("ratio_mean", terms.ratio_mean),
+                               ("ratio_min", terms.ratio_min), ("ratio_max", terms.ratio_max),
                                ("entropy", terms.entropy), ("scale", terms.scale),
                                ("reward_mean", reward.mean()), ("reward_anchor", reward[-1]),
                                ("reward_best", reward[:-1].max()), ("advantage_mean", item["advantages"].mean()),

@@ -9,13 +9,15 @@ Rollout of one group (one prompt), all under ``torch.no_grad()`` with the old po
                                     re-noising noise for every sequence, so only the routing differs
 
 Replay of the G branches (the anchor is only a reward baseline): from the pre-fork snapshot forked into G sequences,
-routing off, the policy predicts x0 at each recorded noisy input x_t; the trajectory velocity energy of step k is
+routing off, the policy predicts x0 at each recorded noisy input x_t; the trajectory energy of step k is
 
-    E[g, b, k] = w_k * mean_j (v_theta - v_rollout)^2 = w_k / sigma_k^2 * mean_j (x0_theta - x0_rollout)^2,
+    "x0" (default; released kvpo.py _compute_trajectory_log_prob):  E[g, b, k] = w_k * mean_j (x0_theta - x0_rollout)^2
+    "velocity" (option):  E[g, b, k] = w_k * mean_j (v_theta - v_rollout)^2 = w_k / sigma_k^2 * (the x0 residual)
 
-(v = (x_t - x0) / sigma at the same x_t), computed by :func:`kvpo_kernels.velocity_energy` for all K steps of a
-block at once. Each replayed block reads the branch's own history, as in the rollout: the rollout's clean blocks are
-committed (no grad) into the replay cache first, and block i reads a snapshot taken just before block i's commit.
+(v = (x_t - x0) / sigma at the same x_t; w_k = energy_scale * step weight), computed by
+:func:`kvpo_kernels.velocity_energy` for all K steps of a block at once (``replay.energy_space`` selects the form).
+Each replayed block reads the branch's own history, as in the rollout: the rollout's clean blocks are committed
+(no grad) into the replay cache first, and block i reads a snapshot taken just before block i's commit.
 With ``rematerialize``, :func:`backward_through_replay` trades one extra forward per gradient step for holding only
 one forward's activations.
 """
@@ -122,7 +124,10 @@ def group_rollout(gen, prompt_embeds: torch.Tensor, *, prompt_id: int, num_block
                         prompt_id=prompt_id)
 
 
-def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, energy_scale):
+ENERGY_SPACES = ("x0", "velocity")
+
+
+def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, energy_scale, energy_space):
     """sigmas [K], per-step energy weights [K], one cache per replayed block, prompt embeds [G, L, D].
 
     Every commit happens here, before any graph-recording forward: a commit writes the shared K/V pool in place,
@@ -133,8 +138,11 @@ def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, ene
     device = next(gen.transformer.parameters()).device
     sigmas = rollout.sigmas.to(device)
     weights = torch.ones(steps, device=device) if step_weights is None else step_weights.to(device)
-    # E is the velocity residual; at the same x_t it is the x0 residual divided by sigma.
-    weights = energy_scale * weights / sigmas.square()
+    if energy_space not in ENERGY_SPACES:
+        raise ValueError(f"energy_space must be one of {ENERGY_SPACES}, got {energy_space!r}")
+    weights = energy_scale * weights
+    if energy_space == "velocity":  # at the same x_t the velocity residual is the x0 residual divided by sigma
+        weights = weights / sigmas.square()
     embeds = rollout.prompt_embeds.expand(G, -1, -1)
     f = gen.config.frames_per_block
     cache, caches = rollout.prefix_cache.fork(G), []
@@ -150,16 +158,18 @@ def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, ene
 
 def replay_energies(gen, rollout: GroupRollout, *, num_blocks: int, grad_steps: int,
                     step_weights: Optional[torch.Tensor] = None, energy_scale: float = 1.0,
-                    backend: str = "auto") -> torch.Tensor:
-    """Trajectory velocity energies ``E [G, NB, K]`` of the G branches under the generator's current weights.
+                    energy_space: str = "x0", backend: str = "auto") -> torch.Tensor:
+    """Trajectory energies ``E [G, NB, K]`` (x0 or velocity residual: ``energy_space``) of the G branches under the
+    generator's current weights.
 
     Replays the first ``num_blocks`` chunk blocks (the P perturbed ones, or all) with routing off from the pre-fork
     snapshot. Autograd records the first ``grad_steps`` steps of each block when grad mode is on; the later
     steps are computed without a graph (they still count in E, they just pass no gradient). step_weights ``[K]``
-    (default 1) multiply each step's energy, on top of the 1 / sigma^2 that turns the x0 residual into a velocity one.
+    (default 1) and energy_scale multiply each step's energy (with ``energy_space="velocity"`` also 1 / sigma_k^2).
     """
     G, steps = rollout.num_branches, rollout.sigmas.numel()
-    sigmas, weights, caches, embeds = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale)
+    sigmas, weights, caches, embeds = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale,
+                                                   energy_space)
     energies = []
     for i, cache in enumerate(caches):
         block = rollout.fork_block + i
@@ -175,7 +185,7 @@ def replay_energies(gen, rollout: GroupRollout, *, num_blocks: int, grad_steps: 
 
 def backward_through_replay(gen, rollout: GroupRollout, energy_grad: torch.Tensor, *, grad_steps: int,
                             step_weights: Optional[torch.Tensor] = None, energy_scale: float = 1.0,
-                            backend: str = "auto") -> None:
+                            energy_space: str = "x0", backend: str = "auto") -> None:
     """Accumulate ``sum_{g,b,k} energy_grad[g, b, k] * dE[g, b, k]/dtheta`` into the parameters' ``.grad``.
 
     The memory-lean second pass of a replay: with ``energy_grad [G, NB, K]`` = dLoss/dE from a no-grad
@@ -184,7 +194,8 @@ def backward_through_replay(gen, rollout: GroupRollout, energy_grad: torch.Tenso
     forward per gradient step. Same gradient as back-propagating through a graph-recording replay.
     """
     G, num_blocks = rollout.num_branches, energy_grad.shape[1]
-    sigmas, weights, caches, embeds = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale)
+    sigmas, weights, caches, embeds = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale,
+                                                   energy_space)
     for i, cache in enumerate(caches):
         block = rollout.fork_block + i
         for k in range(grad_steps):
