@@ -107,16 +107,17 @@ def test_chunk_layout_and_fork_positions_of_the_wan_preset():
     # released: P = 5 blocks inside one of the first 7 chunks, at frame >= local_attn_size: 12 starts, 21 .. 114
     assert [3 * block for block in config.fork_blocks()] == [21, 24, 39, 42, 57, 60, 75, 78, 93, 96, 111, 114]
     assert all(config.streaming.route_pool_size(block, 5) == 14 for block in config.fork_blocks())
-    assert load_config("tiny").fork_blocks() == [5, 6]  # one chunk: the plain fork range
+    assert load_config("tiny").fork_blocks() == [5, 6]  # chunks [0, 5), [5, 7), [7, 8): both forks eligible
 
 
 def test_fork_chunk_fields_are_validated(tmp_path):
-    with pytest.raises(ValueError, match="rollout.chunk_frames"):
-        tiny(tmp_path, "rollout.chunk_frames=-1")
-    with pytest.raises(ValueError, match="rollout.chunk_new_frames"):
-        tiny(tmp_path, "rollout.chunk_frames=4")
+    with pytest.raises(ValueError, match="rollout.streaming_chunk_size"):
+        tiny(tmp_path, "rollout.streaming_chunk_size=-1")
+    with pytest.raises(ValueError, match="rollout.streaming_min_new_frame"):
+        tiny(tmp_path, "rollout.streaming_chunk_size=4", "rollout.streaming_min_new_frame=0")
     with pytest.raises(ValueError, match="rollout.fork_min/fork_max: no block"):
-        tiny(tmp_path, "rollout.chunk_frames=3", "rollout.chunk_new_frames=3", "rollout.fork_within_chunks=1")
+        tiny(tmp_path, "rollout.streaming_chunk_size=3", "rollout.streaming_min_new_frame=3",
+             "rollout.perturb_within_first_x_chunks=1")
 
 
 def test_wan_preset_is_the_released_config_value_for_value():
@@ -128,7 +129,8 @@ def test_wan_preset_is_the_released_config_value_for_value():
     assert (streaming.frames_per_block, streaming.sink_frames, streaming.window_frames, streaming.nearest_frames,
             streaming.cache_frames, streaming.shift) == (3, 3, 12, 4, 33, 5.0)
     assert rollout.num_blocks * streaming.frames_per_block == 147 and config.num_routed() == 5
-    assert (rollout.chunk_frames, rollout.chunk_new_frames, rollout.fork_within_chunks) == (21, 18, 7)
+    assert (rollout.streaming_chunk_size, rollout.streaming_min_new_frame,
+            rollout.perturb_within_first_x_chunks) == (21, 18, 7)
     assert (rollout.perturbed_blocks, rollout.num_branches, rollout.groups_per_step) == (5, 8, 8)
     assert (replay.grad_steps, replay.energy_space, replay.energy_scale) == (2, "x0", 1.0)
     assert (objective.beta, objective.clip_low, objective.clip_high, objective.advantage_clamp,

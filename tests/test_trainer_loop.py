@@ -58,7 +58,7 @@ def test_rollout_and_replay_never_grow_the_kv_pool(tmp_path, monkeypatch):
     the 1.3B geometry); the replays reuse the group's freed blocks."""
     from kvpo_kernels.cache import _BlockPool
 
-    trainer = Trainer(tiny(tmp_path, "streaming.frames_per_block=2"))
+    trainer = Trainer(tiny(tmp_path, "streaming.frames_per_block=2", "rollout.streaming_chunk_size=0"))
     grows, real_grow = [], _BlockPool.grow
     monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
     ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=5, perturbed_blocks=1,

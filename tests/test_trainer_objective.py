@@ -172,7 +172,8 @@ def test_flat_signal_keeps_the_sample_std_scale():
     local = torch.tensor([[1.0]] * 4 + [[0.0]], dtype=torch.float64)
     adv = anchor_relative_advantages(local, local.clone(), signal_weights=(1.0, 0.0), clamp=10.0)
     assert adv.tolist() == pytest.approx([1.0 / (math.sqrt(0.2) + 1e-8)] * 4, rel=1e-15)
-    assert anchor_relative_advantages(local, local, clamp=10.0)[0].item() == pytest.approx(1.5 / (math.sqrt(0.2) + 1e-8))
+    both = anchor_relative_advantages(local, local, clamp=10.0)  # local weight 1 + global weight 0.5
+    assert both[0].item() == pytest.approx(1.5 / (math.sqrt(0.2) + 1e-8))
     # clamped to +-2.5 by default
     assert anchor_relative_advantages(local, local).tolist() == [2.5] * 4
 

@@ -80,11 +80,10 @@ class RolloutConfig:
     fork_min: int = 5                      # earliest fork block (needs an eligible pool larger than num_routed)
     fork_max: int = 6                      # latest fork block (inclusive); the fork is drawn uniformly per group
     #                                        over the eligible blocks in [fork_min, fork_max] (TrainConfig.fork_blocks)
-    chunk_frames: int = 0                  # frames of the first streaming chunk (released streaming_chunk_size; 0: the
-    #                                        whole video is one chunk); the P perturbed blocks lie inside one chunk
-    chunk_new_frames: int = 0              # frames of each later chunk (released streaming_min_new_frame)
-    fork_within_chunks: int = 0            # forks only inside the first N chunks (released
-    #                                        perturb_within_first_x_chunks; 0: no limit)
+    streaming_chunk_size: int = 5          # frames of the first streaming chunk (released 21; 0: one chunk, the video)
+    streaming_min_new_frame: int = 2       # frames of every later chunk (released 18); the P perturbed blocks lie
+    #                                        inside one chunk
+    perturb_within_first_x_chunks: int = 0  # forks only inside the first N chunks (released 7; 0: any chunk)
     perturbed_blocks: int = 1              # P: blocks generated with routed KV after the fork
     num_branches: int = 4                  # G: routed branches per group (plus one unperturbed anchor)
     num_routed: Optional[int] = None       # older frames each branch routes in; None: window - sink - nearest
@@ -165,11 +164,11 @@ class TrainConfig:
 
     def fork_blocks(self) -> List[int]:
         """The eligible fork blocks, ascending: ``fork_min <= b <= fork_max`` whose P perturbed blocks lie inside
-        one chunk of the first ``fork_within_chunks`` chunks (released ``plan_perturbation``)."""
+        one chunk of the first ``perturb_within_first_x_chunks`` chunks (released ``plan_perturbation``)."""
         r, f = self.rollout, self.streaming.frames_per_block
-        chunks = chunk_layout(r.num_blocks * f, r.chunk_frames, r.chunk_new_frames)
-        if r.fork_within_chunks:
-            chunks = chunks[:r.fork_within_chunks]
+        chunks = chunk_layout(r.num_blocks * f, r.streaming_chunk_size, r.streaming_min_new_frame)
+        if r.perturb_within_first_x_chunks:
+            chunks = chunks[:r.perturb_within_first_x_chunks]
         return [block for block in range(r.fork_min, r.fork_max + 1)
                 if any(start <= block * f and (block + r.perturbed_blocks) * f <= end for start, end in chunks)]
 
@@ -212,20 +211,21 @@ class TrainConfig:
     def _validate_forks(self) -> None:
         """The chunk layout and the fork range leave eligible forks, each with a pool larger than num_routed."""
         r, s = self.rollout, self.streaming
-        for name in ("chunk_frames", "chunk_new_frames"):
+        for name in ("streaming_chunk_size", "streaming_min_new_frame"):
             value = getattr(r, name)
             if value < 0 or value % s.frames_per_block:
                 raise ValueError(f"rollout.{name} must be >= 0 and a multiple of streaming.frames_per_block "
                                  f"({s.frames_per_block}), got {value}")
-        if r.fork_within_chunks < 0:
-            raise ValueError(f"rollout.fork_within_chunks must be >= 0, got {r.fork_within_chunks}")
-        if r.chunk_frames and not r.chunk_new_frames:
-            raise ValueError("rollout.chunk_new_frames must be > 0 when rollout.chunk_frames is set")
+        if r.perturb_within_first_x_chunks < 0:
+            raise ValueError(f"rollout.perturb_within_first_x_chunks must be >= 0, got "
+                             f"{r.perturb_within_first_x_chunks}")
+        if r.streaming_chunk_size and not r.streaming_min_new_frame:
+            raise ValueError("rollout.streaming_min_new_frame must be > 0 when rollout.streaming_chunk_size is set")
         forks = self.fork_blocks()
         if not forks:
             raise ValueError(f"rollout.fork_min/fork_max: no block in [{r.fork_min}, {r.fork_max}] has its "
-                             f"{r.perturbed_blocks} perturbed blocks inside one chunk (rollout.chunk_frames, "
-                             f"chunk_new_frames, fork_within_chunks)")
+                             f"{r.perturbed_blocks} perturbed blocks inside one chunk (rollout.streaming_chunk_size,"
+                             f" streaming_min_new_frame, perturb_within_first_x_chunks)")
         routed = self.num_routed()
         for fork in (forks[0], forks[-1]):  # the pool grows with the fork block until the cache is full
             pool = s.route_pool_size(fork, r.perturbed_blocks)
@@ -235,15 +235,15 @@ class TrainConfig:
                                  f"(fork later, or raise streaming.cache_frames)")
 
 
-def chunk_layout(total_frames: int, chunk_frames: int, chunk_new_frames: int) -> List[Tuple[int, int]]:
+def chunk_layout(total_frames: int, chunk_size: int, min_new_frame: int) -> List[Tuple[int, int]]:
     """Streaming chunks ``[(start, end), ...]`` of a video (released ``_compute_chunk_layout``): the first holds
-    ``chunk_frames`` frames, each later one ``chunk_new_frames``, the last is cut at ``total_frames``.
-    ``chunk_frames == 0``: one chunk, the whole video. LongLive (147, 21, 18): [0, 21), [21, 39), ..., [129, 147)."""
-    if chunk_frames == 0:
+    ``chunk_size`` frames, each later one ``min_new_frame``, the last is cut at ``total_frames``.
+    ``chunk_size == 0``: one chunk, the whole video. LongLive (147, 21, 18): [0, 21), [21, 39), ..., [129, 147)."""
+    if chunk_size == 0:
         return [(0, total_frames)]
     chunks, start = [], 0
     while start < total_frames:
-        end = min(start + (chunk_frames if not chunks else chunk_new_frames), total_frames)
+        end = min(start + (chunk_size if not chunks else min_new_frame), total_frames)
         chunks.append((start, end))
         start = end
     return chunks
@@ -290,7 +290,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         # 147 frames in chunks [0, 21), [21, 39), ... of 18; P = 5 blocks inside one of the first 7 chunks and at
         # frame >= local_attn_size (12): 12 eligible forks, frames 21, 24, 39, 42, ..., 111, 114
         "rollout": {"num_blocks": 49, "fork_min": 4, "fork_max": 44, "perturbed_blocks": 5, "num_branches": 8,
-                    "chunk_frames": 21, "chunk_new_frames": 18, "fork_within_chunks": 7, "groups_per_step": 8,
+                    "streaming_chunk_size": 21, "streaming_min_new_frame": 18, "perturb_within_first_x_chunks": 7,
+                    "groups_per_step": 8,
                     "latent_height": 60, "latent_width": 104, "prompt_length": 512},
         "replay": {"grad_steps": 2, "rematerialize": True},
         "optim": {"lr": 1e-5},
