@@ -179,12 +179,14 @@ def test_flat_signal_keeps_the_sample_std_scale():
 
 
 def test_fusion_divides_by_std_plus_eps():
-    """Released fusion: signal / (population std + 1e-8); a std just above 1e-8 shows the + eps (a factor ~1/2)."""
-    local = torch.tensor([[0.0], [1e-8 * 3], [0.0]], dtype=torch.float64)
+    """Released fusion: signal / (population std + 1e-8). Two branches 3e-8 apart, both far above the anchor: the
+    signal's spread is 2.6e-8, so the + 1e-8 changes the result by a factor 0.72 (4.8e7 instead of 6.7e7)."""
+    local = torch.tensor([[1.0], [1.0 + 3e-8], [0.0]], dtype=torch.float64)
     zeros = torch.zeros(3, 1, dtype=torch.float64)
     got = anchor_relative_advantages(local, zeros, signal_weights=(1.0, 0.0), clamp=1e9)
     want = _released_advantages(local.tolist(), zeros.tolist(), [1.0], (1.0, 0.0), 1e9)
-    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert 4.7e7 < got[0].item() < 4.9e7
 
 
 def test_ratio_statistics_and_clip_fraction():
