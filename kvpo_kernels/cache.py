@@ -264,6 +264,10 @@ class GroupKVCache:
         The frames older than the first block's nearest frames that stay resident while the last perturbed block
         is generated: ``[max(sink, s + (P - 1) f - (cache_frames - sink - f)), s - (nearest - f))``.
         LongLive (sink 3, nearest 4, f 3, cache 21), fork at frame 21, P = 1: frames 6..19 (14 frames).
+        The released plan (KVPO ``diversity_sampling.py`` plan_perturbation) uses
+        ``[max(sink, s + (P - 1) f - (cache - sink)), s - nearest)``, one block earlier: its cache size does not
+        count the block being written. Ours keeps every pool frame resident through the last perturbed block
+        (docs/recipe.md, "The route pool: our choice").
         """
         start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
         _check_int("perturbed_blocks", perturbed_blocks, 1)

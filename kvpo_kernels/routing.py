@@ -57,8 +57,11 @@ def chr_routes(pool_frames: Sequence[int], num_branches: int, num_routed: int, *
     branch ``k`` takes ``perm[(k * shift + i) % P]`` for ``i < num_routed``, with ``P = len(pool_frames)`` and
     ``shift = max(1, P // num_branches)``, returned sorted. So the branches' routes are windows on one random cycle
     through the pool: consecutive branches share ``max(0, num_routed - shift)`` frames, and together the group
-    covers ``min(P, (num_branches - 1) * shift + num_routed)`` distinct frames (every frame when
-    ``num_branches * shift >= P``), unlike independent uniform subsets that cluster by chance.
+    covers ``(K - 1) * min(n, shift) + min(n, P - (K - 1) * shift)`` distinct frames when ``K = num_branches <= P``
+    (each window adds its frames up to the next window's start; the last one up to the wrap back to the first),
+    and all P frames when ``K > P`` (shift 1: the windows start at every position); every frame is covered when
+    ``n >= shift`` and ``K * shift == P``. E.g. P = 14, K = 2, n = 5 (shift 7): 5 + 5 = 10 frames. Unlike
+    independent uniform subsets, the routes do not cluster by chance.
 
     Example (LongLive geometry: pool of frames 6..19, 8 branches, 5 routed frames; pinned by the tests)::
 

@@ -90,3 +90,46 @@ def test_samplers_reject_bad_arguments(sampler, args, error, match):
 def test_samplers_reject_bad_generator():
     with pytest.raises(TypeError, match="generator"):
         chr_routes(range(5), 2, 1, generator=0)
+
+
+def _documented_coverage(size, branches, n):
+    """chr_routes' docstring: the group's coverage of a pool of `size` frames."""
+    if n == 0:
+        return 0
+    if branches > size:
+        return size
+    shift = max(1, size // branches)
+    return (branches - 1) * min(n, shift) + min(n, size - (branches - 1) * shift)
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_chr_coverage_matches_the_documented_formula(trial):
+    rng = random.Random(torch.initial_seed() + 100 + trial)
+    size = rng.randint(1, 30)
+    branches, n = rng.randint(1, 40), rng.randint(0, size)
+    routes = chr_routes(range(size), branches, n, generator=torch.Generator().manual_seed(trial))
+    assert len(set().union(*map(set, routes))) == _documented_coverage(size, branches, n)
+
+
+def test_chr_coverage_when_the_shift_exceeds_the_route():
+    """P = 14, K = 2, n = 5: shift 7 leaves gaps: 10 frames covered (the old formula claimed 12)."""
+    routes = chr_routes(range(6, 20), 2, 5, generator=torch.Generator().manual_seed(0))
+    assert len(set(routes[0]) | set(routes[1])) == 10 == _documented_coverage(14, 2, 5)
+
+
+@pytest.mark.parametrize("sampler", [chr_routes, uniform_routes])
+def test_every_sampler_draws_every_pool_frame(sampler):
+    """Over a few groups each sampler routes every frame of the pool, the first and the LAST included (a sampler
+    that never draws some frame, e.g. an off-by-one range, fails)."""
+    pool = list(range(6, 20))
+    drawn = set()
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        for route in sampler(pool, 8, 5, generator=generator):
+            drawn.update(route)
+    assert drawn == set(pool)
+    # one branch, one frame: over many draws every frame, and each about equally often (uniform over the pool)
+    counts = {frame: 0 for frame in pool}
+    for _ in range(1400):
+        counts[sampler(pool, 1, 1, generator=generator)[0][0]] += 1
+    assert min(counts.values()) > 50, counts

@@ -219,10 +219,9 @@ def test_nonfinite_last_step_keeps_the_run(tmp_path):
 def test_nonfinite_second_update_undoes_the_first(tmp_path):
     """Issue 9 case 2: with two updates per rollout and a huge lr, update 1 applies and update 2 is non-finite;
     the skipped step must leave the weights, AdamW state, EMA and version exactly as before it."""
-    trainer = Trainer(tiny(tmp_path, "optim.updates_per_rollout=2", "optim.grad_clip=0"))
+    trainer = Trainer(tiny(tmp_path, "optim.updates_per_rollout=2", "optim.grad_clip=0", "optim.warmup_steps=0"))
     trainer.train_step()  # AdamW and EMA hold state now
-    for param_group in trainer.optimizer.param_groups:
-        param_group["lr"] = 1e30
+    trainer.config.optim.lr = 1e30  # each update takes its lr from optim (the recipe's warmup schedule)
     weights, adam, ema, version = _weights(trainer), _adam_state(trainer), [e.clone() for e in trainer.ema], \
         trainer.version
     applied = []
@@ -271,8 +270,9 @@ def test_fresh_moves_the_earlier_run_aside(tmp_path):
 
 
 def test_resume_refuses_a_changed_setting_and_applies_it_with_the_override(tmp_path):
-    Trainer(tiny(tmp_path)).train(steps=1)
-    changed = tiny(tmp_path, "optim.lr=0.01", "objective.clip_high=0.3", "run.steps=5", "run.checkpoint_every=2")
+    Trainer(tiny(tmp_path, "optim.warmup_steps=0")).train(steps=1)  # (warmup 0: no lr 0 in the first window)
+    changed = tiny(tmp_path, "optim.lr=0.01", "objective.clip_high=0.3", "run.steps=5", "run.checkpoint_every=2",
+                   "optim.warmup_steps=0")
     with pytest.raises(ValueError) as error:
         Trainer(changed).train(steps=2)
     message = str(error.value)
@@ -297,7 +297,8 @@ def test_resume_refuses_another_geometry_or_trainable_set_even_with_the_override
 def test_bf16_model_trains_through_fp32_master_weights(tmp_path):
     """A step far below a bf16 ulp still moves the fp32 masters (a pure-bf16 AdamW would lose it); the model holds
     the masters rounded to bf16; the masters come back on resume."""
-    config = tiny(tmp_path, "model.dtype=bfloat16", "optim.lr=1e-6")
+    # (warmup 0: the recipe's warmup trains the first old-policy window at lr 0)
+    config = tiny(tmp_path, "model.dtype=bfloat16", "optim.lr=1e-6", "optim.warmup_steps=0")
     trainer = Trainer(config)
     start = [m.detach().clone() for m in trainer.master]
     assert all(m.dtype == torch.float32 for m in trainer.master)

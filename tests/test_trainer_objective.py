@@ -1,119 +1,204 @@
-"""The KVPO objective against a direct float64 transcription of DESIGN.md's formulas (loss and gradient)."""
+"""The KVPO objective against our own float64 transcription of the released training code
+(Richard-Zhang-AI/KVPO ``models/longlive/trainer/kvpo.py``; docs/recipe.md cites the lines): advantages, the anchor
+protection trigger (mechanism_2), the loss and d loss / d energies on random groups and on the edge cases."""
 import math
 
 import pytest
 import torch
 
-from kvpo_kernels.trainer.objective import (anchor_relative_advantages, branch_log_likelihood, kvpo_loss,
-                                            step_temperatures)
+from kvpo_kernels.trainer.objective import (anchor_is_beaten, anchor_relative_advantages, branch_log_likelihood,
+                                            kvpo_loss, step_temperatures)
+
+EPS = 1e-8
 
 
-def _advantages_by_hand(local, global_, weights, signal_weights=(1.0, 0.5), clamp=2.5):
-    """DESIGN.md, element by element in Python floats (rows: branches 0..G-1, then the anchor)."""
-    G = local.shape[0] - 1
-    total = [0.0] * G
-    for rewards, signal_weight in zip((local.tolist(), global_.tolist()), signal_weights):
+# ------------------------------------------------------------------ the released code, transcribed element by element
+def _released_component_advantage(branch, anchor):
+    """_anchor_advantage: (r_g - r_a) / (torch.std over the G + 1 rewards, i.e. the SAMPLE std, + 1e-8)."""
+    values = branch + [anchor]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
+    return [(x - anchor) / (std + EPS) for x in branch]
+
+
+def _released_fusion_std(signal):
+    """_normalize_advantage_for_fusion, mode "std": population std; kept as is when <= 1e-8, else / (std + 1e-8)."""
+    mean = sum(signal) / len(signal)
+    std = math.sqrt(sum((x - mean) ** 2 for x in signal) / len(signal))
+    return list(signal) if std <= EPS else [x / (std + EPS) for x in signal]
+
+
+def _released_advantages(local, global_, weights, signal_weights=(1.0, 0.5), clamp=2.5):
+    """_aggregate_component_advantages per signal, _fuse_signal_advantages, then the adv_clip_max clamp."""
+    G = len(local) - 1
+    fused = [0.0] * G
+    for rewards, signal_weight in zip((local, global_), signal_weights):
         signal = [0.0] * G
-        for c in range(len(weights)):
+        for c, weight in enumerate(weights):
             column = [row[c] for row in rewards]
-            mean = sum(column) / (G + 1)
-            std = math.sqrt(sum((x - mean) ** 2 for x in column) / G)  # sample std over G + 1 values
-            for g in range(G):
-                signal[g] += weights[c] * (column[g] - column[G]) / (std + 1e-8)
-        mean = sum(signal) / G
-        pop_std = math.sqrt(sum((x - mean) ** 2 for x in signal) / G)
-        if pop_std > 1e-8:
-            signal = [x / pop_std for x in signal]
-        total = [t + signal_weight * x for t, x in zip(total, signal)]
-    return [max(-clamp, min(clamp, t)) for t in total]
+            for g, a in enumerate(_released_component_advantage(column[:G], column[G])):
+                signal[g] += weight * a
+        fused = [f + signal_weight * x for f, x in zip(fused, _released_fusion_std(signal))]
+    return [max(-clamp, min(clamp, f)) for f in fused]
 
 
-def _loss_by_hand(energy, energy_old, energy_ref, sigmas, advantages, beta, clip_low=0.1, clip_high=0.2):
-    """The loss as a float64 autograd graph written straight from the formulas, with explicit sums."""
+def _released_safe(local, global_, weights):
+    """train_step's PROTECT trigger: any raw weighted branch reward > the anchor's, on global OR local."""
+    def weighted(row):
+        return sum(w * x for w, x in zip(weights, row))
+    return any(any(weighted(row) > weighted(rewards[-1]) for row in rewards[:-1]) for rewards in (local, global_))
+
+
+def _released_loss(energy, energy_old, energy_ref, sigmas, advantages, safe, beta, clip_low=0.1, clip_high=0.2):
+    """_compute_trajectory_log_prob (log p = -sum mse / (2 max(sigma, 1)^2)), then
+    _compute_policy_objective_from_logits with mechanism_2 and the discrete KL, as a float64 autograd graph."""
     G, NB, K = energy.shape
-    tau = [max(float(s), 1.0) ** 2 for s in sigmas]
 
-    def logl(E):
-        return torch.stack([-sum(E[g, b, k] / (2 * tau[k]) for b in range(NB) for k in range(K)) for g in range(G)])
+    def logits(E):
+        return torch.stack([sum(-E[g, b, k] / (2 * max(float(sigmas[k]), 1.0) ** 2)
+                                for b in range(NB) for k in range(K)) for g in range(G)])
 
     def log_softmax(l):
-        return l - torch.log(torch.exp(l).sum())
+        return l - torch.logsumexp(l, 0)
 
-    log_pi, log_old, log_ref = log_softmax(logl(energy)), log_softmax(logl(energy_old)), log_softmax(logl(energy_ref))
-    terms = []
-    for g in range(G):
-        r = torch.exp(torch.clamp(log_pi[g] - log_old[g], -20, 20))
-        terms.append(torch.minimum(r * advantages[g], torch.clamp(r, 1 - clip_low, 1 + clip_high) * advantages[g]))
-    policy = -sum(terms) / G
-    kl = sum(torch.exp(log_pi[g]) * (log_pi[g] - log_ref[g]) for g in range(G))
-    if any(a > 0 for a in advantages):
-        s = 1.0
-    else:
-        # s is a constant of the update (pi_anchor = 1/2 whatever the logits): a number, not part of the graph.
-        logits = torch.cat([log_pi, torch.zeros(1, dtype=torch.float64)]).tolist()
-        s = 1 - math.exp(logits[-1]) / sum(math.exp(x) for x in logits)
-    return s * (policy + beta * kl)
+    l_theta, l_old, l_ref = logits(energy), logits(energy_old).detach(), logits(energy_ref).detach()
+    ratio = torch.exp(torch.clamp(log_softmax(l_theta) - log_softmax(l_old), -20.0, 20.0))
+    terms = [torch.minimum(ratio[g] * advantages[g], torch.clamp(ratio[g], 1 - clip_low, 1 + clip_high) * advantages[g])
+             for g in range(G)]
+    loss_grpo = -sum(terms) / G
+    anchor_logit = torch.tensor([-math.inf if safe else 0.0], dtype=torch.float64)
+    pi_full = torch.softmax(torch.cat([log_softmax(l_theta), anchor_logit]), 0)
+    scale = 1.0 - pi_full[-1]  # (its gradient is 0: pi_anchor = 1/2 whatever the logits)
+    pi = torch.exp(log_softmax(l_theta))
+    kl = (pi * (torch.log(pi + 1e-10) - log_softmax(l_ref))).sum()
+    clip_fraction = sum(float(abs(r - min(max(r, 1 - clip_low), 1 + clip_high)) > 1e-6) for r in ratio.tolist()) / G
+    return scale * (loss_grpo + beta * kl), scale.item(), clip_fraction
 
 
-@pytest.mark.parametrize("G,C", [(4, 1), (7, 3)])
-def test_advantages_match_formula(G, C):
-    local = torch.randn(G + 1, C, dtype=torch.float64)
-    global_ = torch.randn(G + 1, C, dtype=torch.float64)
-    weights = torch.rand(C, dtype=torch.float64) + 0.5
-    got = anchor_relative_advantages(local, global_, weights)
-    want = torch.tensor(_advantages_by_hand(local, global_, weights.tolist()), dtype=torch.float64)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # Anchor-relative, not mean-centred: a branch equal to the anchor in every signal gets exactly 0.
-    local[0], global_[0] = local[-1], global_[-1]
-    assert anchor_relative_advantages(local, global_, weights)[0].item() == 0.0
+# ------------------------------------------------------------------------------------------------------- groups
+def _random_group(G, C):
+    return torch.randn(G + 1, C, dtype=torch.float64), torch.randn(G + 1, C, dtype=torch.float64)
 
 
-def test_advantages_flat_signal_and_clamp():
-    G = 5
-    # Every branch 1.0 above the anchor: the population std over branches is 0, so the signal keeps its scale.
-    local = torch.cat([torch.ones(G, 1), torch.zeros(1, 1)]).double()
-    adv = anchor_relative_advantages(local, local.clone(), None)
-    assert torch.all(adv == adv[0]) and adv[0] > 0
-    big = torch.cat([torch.full((G, 1), 1.0), torch.zeros(1, 1)]).double()
-    big[0] = 100.0
-    assert anchor_relative_advantages(big, big, None).abs().max() <= 2.5
+def _edge_group(case):
+    """(local, global) [G + 1, 1] rewards (anchor last) for the named edge cases."""
+    column = {
+        # every branch worse than the anchor on both signals
+        "all_worse": ([-1.0, -0.5, -2.0, -0.1, 0.0], [-0.3, -0.2, -1.0, -0.4, 0.0]),
+        # branch 0 beats the anchor on the local signal only and every fused advantage is < 0 (the fused decision
+        # would halve this update; the released rule, raw rewards, keeps it whole)
+        "local_only_gain": ([0.01, -1.0, -1.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0, 0.0]),
+        # no reward signal at all: every std is 0, every advantage 0
+        "zero_std": ([0.7] * 5, [0.7] * 5),
+        "G2": ([0.4, -0.2, 0.1], [0.3, 0.5, 0.0]),
+        # branch 0 ties the anchor exactly on both signals, the rest are worse: a tie is no win (released ">")
+        "tie": ([0.5, 0.2, -0.3, 0.5], [1.0, 0.1, 0.9, 1.0]),
+    }[case]
+    local, global_ = (torch.tensor(v, dtype=torch.float64).unsqueeze(1) for v in column)
+    return local, global_
 
 
-@pytest.mark.parametrize("case", ["some_better", "all_worse", "far_from_old"])
-def test_loss_and_gradient_match_formula(case):
-    G, NB, K = 6, 2, 4
-    sigmas = torch.tensor([1.0, 0.9375, 0.833, 0.625], dtype=torch.float64)
-    sigmas[0] = 1.7  # one tau above 1 so that max(sigma, 1)^2 is exercised
-    energy = (torch.rand(G, NB, K, dtype=torch.float64) * 2).requires_grad_()
-    spread = 30.0 if case == "far_from_old" else 0.3  # far from old: ratios leave the clip range
-    energy_old = energy.detach() + spread * torch.randn(G, NB, K, dtype=torch.float64)
-    energy_ref = energy.detach() + 0.5 * torch.randn(G, NB, K, dtype=torch.float64)
-    advantages = torch.randn(G, dtype=torch.float64)
-    if case == "all_worse":
-        advantages = -advantages.abs() - 0.1
-    if case == "far_from_old":
-        # Branch 0 surely clipped: far less likely under the old policy (ratio >> 1 + clip_high) and better than
-        # the anchor, so the clipped term is the smaller one.
-        energy_old[0] += 50.0
-        advantages[0] = advantages[0].abs() + 0.1
-    beta = 0.37
+def _check_against_released(local, global_, weights, beta=10.0, spread=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G, NB, K = local.shape[0] - 1, 2, 4
+    sigmas = torch.tensor([1.7, 0.9375, 0.833, 0.625], dtype=torch.float64)  # 1.7: max(sigma, 1)^2 is exercised
+    energy = (torch.rand(G, NB, K, dtype=torch.float64, generator=gen) * 2).requires_grad_()
+    energy_old = energy.detach() + spread * torch.randn(G, NB, K, dtype=torch.float64, generator=gen)
+    energy_ref = energy.detach() + 0.5 * torch.randn(G, NB, K, dtype=torch.float64, generator=gen)
+
+    advantages = anchor_relative_advantages(local, global_, weights)
+    want_adv = _released_advantages(local.tolist(), global_.tolist(), weights.tolist())
+    torch.testing.assert_close(advantages, torch.tensor(want_adv, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    safe = anchor_is_beaten(local, global_, weights)
+    assert safe == _released_safe(local.tolist(), global_.tolist(), weights.tolist())
 
     tau = step_temperatures(sigmas)
     terms = kvpo_loss(branch_log_likelihood(energy, tau), branch_log_likelihood(energy_old, tau),
-                      branch_log_likelihood(energy_ref, tau), advantages, beta=beta)
+                      branch_log_likelihood(energy_ref, tau), advantages, anchor_beaten=safe, beta=beta)
     (grad,) = torch.autograd.grad(terms.loss, energy)
-
     energy_hand = energy.detach().clone().requires_grad_()
-    want = _loss_by_hand(energy_hand, energy_old, energy_ref, sigmas, advantages.tolist(), beta)
+    want, want_scale, want_clip = _released_loss(energy_hand, energy_old, energy_ref, sigmas, want_adv, safe, beta)
     (want_grad,) = torch.autograd.grad(want, energy_hand)
-
-    torch.testing.assert_close(terms.loss.detach(), want.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+    # The released KL takes log(pi + 1e-10), ours the exact log_softmax: ~beta * 1e-10 / pi apart, far below 1e-7.
+    torch.testing.assert_close(terms.loss.detach(), want.detach(), rtol=1e-9, atol=1e-8)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-7, atol=1e-8)
+    assert terms.scale.item() == pytest.approx(want_scale, abs=1e-15)
+    assert terms.clip_fraction.item() == pytest.approx(want_clip)
     assert grad.abs().sum() > 0
-    if case == "all_worse":
-        assert terms.scale.item() == pytest.approx(0.5)
-    if case == "far_from_old":
-        assert 0 < terms.clip_fraction.item() <= 1
+    return terms, safe
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_loss_and_gradient_match_released_on_random_groups(trial):
+    G, C = [(4, 1), (7, 3), (2, 2), (8, 1), (5, 2), (3, 1)][trial]
+    torch.manual_seed(1000 + trial)
+    local, global_ = _random_group(G, C)
+    weights = torch.rand(C, dtype=torch.float64) + 0.5
+    _check_against_released(local, global_, weights, spread=[0.3, 3.0][trial % 2], seed=trial)
+
+
+@pytest.mark.parametrize("case, safe, scale", [("all_worse", False, 0.5), ("local_only_gain", True, 1.0),
+                                               ("zero_std", False, 0.5), ("G2", True, 1.0), ("tie", False, 0.5)])
+def test_loss_and_gradient_match_released_on_edge_groups(case, safe, scale):
+    local, global_ = _edge_group(case)
+    terms, got_safe = _check_against_released(local, global_, torch.ones(1, dtype=torch.float64))
+    assert got_safe is safe and terms.scale.item() == scale
+    if case == "local_only_gain":  # the case where a decision on the fused advantage would differ
+        assert (anchor_relative_advantages(local, global_) < 0).all()
+    if case == "zero_std":
+        assert torch.equal(anchor_relative_advantages(local, global_), torch.zeros(4, dtype=torch.float64))
+
+
+def test_anchor_protection_tie_is_not_a_win():
+    """Released rule `rewards > anchor` (strict): a branch exactly equal to the anchor does not make the group safe,
+    on either signal; the smallest step above it does. The weighted sum over components decides, not each one."""
+    local = torch.tensor([[0.5], [0.2], [0.5]], dtype=torch.float64)
+    below = torch.tensor([[0.1], [0.2], [0.3]], dtype=torch.float64)
+    assert not anchor_is_beaten(local, below)
+    assert not anchor_is_beaten(below, local)
+    above = local.clone()
+    above[0, 0] = math.nextafter(0.5, 1.0)
+    assert anchor_is_beaten(above, below) and anchor_is_beaten(below, above)
+    # component 0 better, component 1 worse by more: the raw weighted reward is below the anchor's
+    two = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.5, 1.0]], dtype=torch.float64)
+    assert not anchor_is_beaten(two, two)
+    assert anchor_is_beaten(two, two, torch.tensor([1.0, 0.1], dtype=torch.float64))
+
+
+def test_flat_signal_keeps_the_sample_std_scale():
+    """Every branch 1.0 above the anchor: the fusion leaves the flat signal as is, so the per-component std is
+    visible in the value: (1 - 0) / (sample std of [1, 1, 1, 1, 0] + 1e-8) = 1 / sqrt(0.2) = sqrt(5), not the
+    population std's 1 / 0.4 = 2.5."""
+    local = torch.tensor([[1.0]] * 4 + [[0.0]], dtype=torch.float64)
+    adv = anchor_relative_advantages(local, local.clone(), signal_weights=(1.0, 0.0), clamp=10.0)
+    assert adv.tolist() == pytest.approx([1.0 / (math.sqrt(0.2) + 1e-8)] * 4, rel=1e-15)
+    both = anchor_relative_advantages(local, local, clamp=10.0)  # local weight 1 + global weight 0.5
+    assert both[0].item() == pytest.approx(1.5 / (math.sqrt(0.2) + 1e-8))
+    # clamped to +-2.5 by default
+    assert anchor_relative_advantages(local, local).tolist() == [2.5] * 4
+
+
+def test_fusion_divides_by_std_plus_eps():
+    """Released fusion: signal / (population std + 1e-8). Two branches 3e-8 apart, both far above the anchor: the
+    signal's spread is 2.6e-8, so the + 1e-8 changes the result by a factor 0.72 (4.8e7 instead of 6.7e7)."""
+    local = torch.tensor([[1.0], [1.0 + 3e-8], [0.0]], dtype=torch.float64)
+    zeros = torch.zeros(3, 1, dtype=torch.float64)
+    got = anchor_relative_advantages(local, zeros, signal_weights=(1.0, 0.0), clamp=1e9)
+    want = _released_advantages(local.tolist(), zeros.tolist(), [1.0], (1.0, 0.0), 1e9)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert 4.7e7 < got[0].item() < 4.9e7
+
+
+def test_ratio_statistics_and_clip_fraction():
+    """clip_fraction counts ratios outside [1 - clip_low, 1 + clip_high] (released definition), ratio_min/max/mean
+    are those of the G ratios."""
+    logl_old = torch.zeros(4, dtype=torch.float64)
+    logl = torch.log(torch.tensor([0.25 * 1.5, 0.25 * 1.1, 0.25 * 0.8, 0.25 * 0.6], dtype=torch.float64))
+    terms = kvpo_loss(logl, logl_old, None, torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64),
+                      anchor_beaten=True)
+    assert terms.ratio_max.item() == pytest.approx(1.5) and terms.ratio_min.item() == pytest.approx(0.6)
+    assert terms.ratio_mean.item() == pytest.approx(1.0)
+    assert terms.clip_fraction.item() == 0.75  # 1.5, 0.8 and 0.6 lie outside [0.9, 1.2]; 1.1 inside
 
 
 def test_loss_gradient_descends_energy_of_good_branches():
@@ -124,6 +209,13 @@ def test_loss_gradient_descends_energy_of_good_branches():
     advantages = torch.tensor([2.0, 1.0, -1.0, -2.0], dtype=torch.float64)
     tau = torch.ones(2, dtype=torch.float64)
     logl = branch_log_likelihood(energy, tau)
-    terms = kvpo_loss(logl, logl.detach(), None, advantages, beta=0.0)
+    terms = kvpo_loss(logl, logl.detach(), None, advantages, anchor_beaten=True, beta=0.0)
     (grad,) = torch.autograd.grad(terms.loss, energy)
     assert grad[0].sum() > 0 and grad[3].sum() < 0
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="anchor_beaten"):
+        kvpo_loss(torch.zeros(2), torch.zeros(2), None, torch.zeros(2), anchor_beaten=1)
+    with pytest.raises(ValueError, match="local_rewards"):
+        anchor_is_beaten(torch.zeros(3, 1), torch.zeros(2, 1))

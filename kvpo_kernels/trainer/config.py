@@ -59,6 +59,11 @@ class ModelConfig:
     latent_channels: int = 4               # random init only: in/out channels (Wan VAE: 16)
     trainable: List[str] = field(default_factory=list)  # train only parameters whose name contains one of these
     backend: str = "auto"                  # kernel backend of the routed attention processor
+    lora_rank: int = 0                     # LoRA rank on the transformer blocks' Linears (0: full fine-tune)
+    lora_alpha: Optional[float] = None     # LoRA alpha (None: = lora_rank)
+    lora_dropout: float = 0.0              # LoRA dropout
+    lora_targets: Optional[List[str]] = None  # Linear name patterns to adapt (None: every Linear of each block)
+    lora_checkpoint: Optional[str] = None  # LoRA weights to start from (LongLive's lora.pt)
 
 
 @dataclass
@@ -74,7 +79,7 @@ class StreamingSection:
     #                                        t/1000 noise (released: 0; see StreamingConfig.context_noise)
 
     def route_pool_size(self, fork_block: int, perturbed_blocks: int) -> int:
-        """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula)."""
+        """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula; docs/recipe.md)."""
         f, start = self.frames_per_block, fork_block * self.frames_per_block
         first = max(self.sink_frames, start + (perturbed_blocks - 1) * f - (self.cache_frames - self.sink_frames - f))
         return max(0, start - (self.nearest_frames - f) - first)
@@ -84,7 +89,13 @@ class StreamingSection:
 class RolloutConfig:
     num_blocks: int = 8                    # blocks per video (the chunk ends with the video)
     fork_min: int = 5                      # earliest fork block (needs an eligible pool larger than num_routed)
-    fork_max: int = 6                      # latest fork block (inclusive); drawn uniformly per group
+    fork_max: int = 6                      # latest fork block (inclusive); the fork is drawn uniformly per group
+    #                                        over the eligible blocks in [fork_min, fork_max] (TrainConfig.fork_blocks)
+    streaming_chunk_size: int = 5          # frames of the first streaming chunk (released 21; 0: one chunk, the video)
+    streaming_min_new_frame: int = 2       # frames of every later chunk (released 18); the P perturbed blocks lie
+    #                                        inside one chunk, the perturbed chunk (the one holding the fork), which
+    #                                        sets the local reward and the policy window
+    perturb_within_first_x_chunks: int = 0  # forks only inside the first N chunks (released 7; 0: any chunk)
     perturbed_blocks: int = 1              # P: blocks generated with routed KV after the fork
     num_branches: int = 4                  # G: routed branches per group (plus one unperturbed anchor)
     num_routed: Optional[int] = None       # older frames each branch routes in; None: window - sink - nearest
@@ -95,9 +106,6 @@ class RolloutConfig:
     num_prompts: int = 4                   # synthetic prompts (fixed random embeddings) when no prompt file is given
     prompt_length: int = 8                 # tokens per synthetic prompt embedding
     prompts_file: Optional[str] = None     # .pt file with precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
-    streaming_chunk_size: int = 5          # frames of the first streaming chunk (released 21; 0: one chunk, the video)
-    streaming_min_new_frame: int = 2       # frames of every later chunk (released 18): the perturbed chunk is the one
-    #                                        holding the fork; it sets the local reward and the policy window
     align_switch_to_chunk: bool = True     # move each prompt switch to the first chunk start at or after it
 
 
@@ -107,7 +115,8 @@ class ReplayConfig:
     step_weights: Optional[List[float]] = None  # per-step energy weights [K]; None: all 1
     policy_window_frames: int = 0          # frames replayed from the fork block: 0 = auto (to the end of the perturbed
     #                                        chunk, released); N > 0: N rounded up to blocks, at least P blocks
-    energy_scale: float = 100.0            # multiplies E (a mean over elements): sets how peaked pi_theta is
+    energy_space: str = "x0"               # x0: released mean (x0_rollout - x0_replay)^2 | velocity: the same / sigma^2
+    energy_scale: float = 1.0              # multiplies E (a mean over elements): how peaked pi_theta is (released: 1)
     energy_backend: str = "auto"           # kernel backend of velocity_energy (auto | cuda | triton | cpu | torch)
     rematerialize: bool = False            # two-pass replay: energies without graph, then one (block, step) forward
     #                                        + backward at a time with dLoss/dE; one forward's activations alive
@@ -117,7 +126,7 @@ class ReplayConfig:
 class ObjectiveConfig:
     clip_low: float = 0.1                  # ratio clip: 1 - clip_low
     clip_high: float = 0.2                 # ratio clip: 1 + clip_high
-    beta: float = 0.01                     # weight of KL(pi_theta || pi_ref) against the initial policy
+    beta: float = 10.0                     # weight of KL(pi_theta || pi_ref) against the initial policy (kl_coef)
     advantage_clamp: float = 2.5           # |A| <= this
     local_weight: float = 1.0              # weight of the perturbed chunk's reward signal
     global_weight: float = 0.5             # weight of the whole video's reward signal
@@ -134,12 +143,23 @@ class RewardConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3                       # AdamW learning rate
-    weight_decay: float = 0.0              # AdamW weight decay
+    weight_decay: float = 0.01             # AdamW weight decay
+    warmup_steps: int = 5                  # constant LR after a linear warmup over this many old-policy windows
+    #                                        (released constant_with_warmup, stepped at each old-policy sync: the
+    #                                        window w trains at lr * min(1, w / warmup_steps); 0: constant)
     betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float = 1.0                 # clip the global gradient norm to this (0: off)
-    ema_decay: float = 0.0                 # EMA of the trainable weights (0: off), kept in checkpoints
-    updates_per_rollout: int = 2           # PPO epochs: updates on each rollout
-    old_sync_every: int = 1                # copy the policy into the old (rollout) policy every N rollouts
+    ema_decay: float = 0.999               # EMA of the trainable weights (0: off), kept in checkpoints
+    updates_per_rollout: int = 1           # PPO epochs: optimizer steps on each rollout (released ppo_epochs)
+    old_sync_every: int = 2                # copy the policy into the old (rollout) policy every N rollouts (released
+    #                                        gradient_accumulation_steps: one optimizer step per rollout, so every
+    #                                        second rollout is off-policy and the ratio clip can act)
+
+    def lr_at(self, window: int) -> float:
+        """The learning rate of old-policy window ``window`` (0-based): ``lr * min(1, window / warmup_steps)``."""
+        if self.warmup_steps <= 0 or window >= self.warmup_steps:
+            return self.lr
+        return self.lr * window / self.warmup_steps
 
 
 @dataclass
@@ -158,29 +178,18 @@ class TrainConfig:
         default = max(0, s.window_frames - s.sink_frames - s.nearest_frames)
         return default if self.rollout.num_routed is None else self.rollout.num_routed
 
+    def fork_blocks(self) -> List[int]:
+        """The eligible fork blocks, ascending: ``fork_min <= b <= fork_max`` whose P perturbed blocks lie inside
+        one chunk of the first ``perturb_within_first_x_chunks`` chunks (released ``plan_perturbation``)."""
+        r, f = self.rollout, self.streaming.frames_per_block
+        chunks = chunk_layout(r.num_blocks * f, r.streaming_chunk_size, r.streaming_min_new_frame)
+        if r.perturb_within_first_x_chunks:
+            chunks = chunks[:r.perturb_within_first_x_chunks]
+        return [block for block in range(r.fork_min, r.fork_max + 1)
+                if any(start <= block * f and (block + r.perturbed_blocks) * f <= end for start, end in chunks)]
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def _validate_chunks(self) -> None:
-        """Released fork eligibility: the P perturbed blocks lie in the fork's streaming chunk."""
-        from .rollout import chunk_layout
-
-        r, f = self.rollout, self.streaming.frames_per_block
-        for name in ("streaming_chunk_size", "streaming_min_new_frame"):
-            if getattr(r, name) % f:
-                raise InputValueError(f"rollout.{name}: must be a multiple of frames_per_block ({f}), "
-                                      f"got {getattr(r, name)}")
-        if r.streaming_chunk_size > 0 and r.streaming_min_new_frame == 0:
-            raise InputValueError("rollout.streaming_min_new_frame: must be > 0 when streaming_chunk_size is set")
-        chunks = chunk_layout(r.num_blocks * f, r.streaming_chunk_size, r.streaming_min_new_frame)
-        for fork in range(r.fork_min, r.fork_max + 1):
-            start = fork * f
-            end = next(stop for begin, stop in chunks if begin <= start < stop)
-            if start + r.perturbed_blocks * f > end:
-                raise InputValueError(f"rollout.fork_min/fork_max: the {r.perturbed_blocks} perturbed blocks from "
-                                      f"fork block {fork} (frame {start}) leave its streaming chunk (ends at frame "
-                                      f"{end}); change rollout.streaming_chunk_size / streaming_min_new_frame or "
-                                      f"the forks")
 
     def validate(self) -> "TrainConfig":
         """Check every field's type (from its annotation) and range (RANGES), then the cross-field rules; raises
@@ -206,15 +215,7 @@ class TrainConfig:
         if rollout.fork_max + rollout.perturbed_blocks > rollout.num_blocks:
             raise InputValueError(f"rollout.perturbed_blocks: fork_max + perturbed_blocks ({rollout.fork_max} + "
                                   f"{rollout.perturbed_blocks}) must be <= num_blocks ({rollout.num_blocks})")
-        routed = self.num_routed()
-        for fork in (rollout.fork_min, rollout.fork_max):
-            pool = streaming.route_pool_size(fork, rollout.perturbed_blocks)
-            if pool <= routed:
-                raise InputValueError(
-                    f"rollout.fork_min/fork_max: forking at block {fork} leaves an eligible pool of {pool} frames, "
-                    f"not more than num_routed={routed}: the branches could not differ (fork later, or raise "
-                    f"streaming.cache_frames)")
-        self._validate_chunks()
+        self._check_forks()
         steps = len(streaming.timesteps)
         if not 1 <= self.replay.grad_steps <= steps:
             raise InputValueError(f"replay.grad_steps: must be in [1, {steps}] (one per timestep), got "
@@ -231,6 +232,46 @@ class TrainConfig:
             weight = spec.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise InputTypeError(f"{where}.weight: must be a finite number, got {weight!r}")
+
+
+    def _check_forks(self) -> None:
+        """The chunk layout and the fork range leave eligible forks, each with a pool larger than num_routed."""
+        rollout, streaming = self.rollout, self.streaming
+        for name in ("streaming_chunk_size", "streaming_min_new_frame"):
+            if getattr(rollout, name) % streaming.frames_per_block:
+                raise InputValueError(f"rollout.{name}: must be a multiple of streaming.frames_per_block "
+                                      f"({streaming.frames_per_block}), got {getattr(rollout, name)}")
+        if rollout.streaming_chunk_size and not rollout.streaming_min_new_frame:
+            raise InputValueError("rollout.streaming_min_new_frame: must be > 0 when rollout.streaming_chunk_size "
+                                  "is set")
+        forks = self.fork_blocks()
+        if not forks:
+            raise InputValueError(f"rollout.fork_min/fork_max: no block in [{rollout.fork_min}, {rollout.fork_max}]"
+                                  f" has its {rollout.perturbed_blocks} perturbed blocks inside one chunk "
+                                  f"(rollout.streaming_chunk_size, streaming_min_new_frame, "
+                                  f"perturb_within_first_x_chunks)")
+        routed = self.num_routed()
+        for fork in (forks[0], forks[-1]):  # the pool grows with the fork block until the cache is full
+            pool = streaming.route_pool_size(fork, rollout.perturbed_blocks)
+            if pool <= routed:
+                raise InputValueError(
+                    f"rollout.fork_min/fork_max: forking at block {fork} leaves an eligible pool of {pool} frames, "
+                    f"not more than num_routed={routed}: the branches could not differ (fork later, or raise "
+                    f"streaming.cache_frames)")
+
+
+def chunk_layout(total_frames: int, chunk_size: int, min_new_frame: int) -> List[Tuple[int, int]]:
+    """Streaming chunks ``[(start, end), ...]`` of a video (released ``_compute_chunk_layout``): the first holds
+    ``chunk_size`` frames, each later one ``min_new_frame``, the last is cut at ``total_frames``.
+    ``chunk_size == 0``: one chunk, the whole video. LongLive (147, 21, 18): [0, 21), [21, 39), ..., [129, 147)."""
+    if chunk_size == 0:
+        return [(0, total_frames)]
+    chunks, start = [], 0
+    while start < total_frames:
+        end = min(start + (chunk_size if not chunks else min_new_frame), total_frames)
+        chunks.append((start, end))
+        start = end
+    return chunks
 
 
 def _describe(annotation, article: bool = True) -> str:
@@ -321,8 +362,12 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "rollout.latent_height": ((lambda value: value >= 2 and value % 2 == 0), "an even integer >= 2 (2x2 patches)"),
     "rollout.latent_width": ((lambda value: value >= 2 and value % 2 == 0), "an even integer >= 2 (2x2 patches)"),
     "rollout.prompts_file": ((lambda value: value != ""), "a .pt file (or null)"),
+    **{f"rollout.{name}": _at_least(0) for name in ("streaming_chunk_size", "streaming_min_new_frame",
+                                                    "perturb_within_first_x_chunks")},
+    "replay.energy_space": _one_of("x0", "velocity"), "model.lora_rank": _at_least(0),
+    "model.lora_alpha": ((lambda value: value > 0), "> 0 (or null: = lora_rank)"),
+    "model.lora_dropout": ((lambda value: 0 <= value < 1), "in [0, 1)"), "optim.warmup_steps": _at_least(0),
     "replay.grad_steps": _at_least(1), "replay.policy_window_frames": _at_least(0),
-    "rollout.streaming_chunk_size": _at_least(0), "rollout.streaming_min_new_frame": _at_least(0),
     "streaming.context_noise": ((lambda value: 0 <= value < 1000), "a timestep in [0, 1000)"),
     "reward.long_reward_normal_clip_len": _at_least(1), "reward.vae_temporal_stride": _at_least(1),
     "replay.step_weights": _each(lambda value: value >= 0, "a list of numbers >= 0 (or null)"),
@@ -370,18 +415,23 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # (Self-Forcing / LongLive .pt) or model.pretrained (diffusers folder), and text embeddings with
     # rollout.prompts_file (UMT5 outputs [P, 512, 4096]); without them it trains a random model on random prompts.
     "wan1.3b": {
+        # Every value below and every default it keeps: docs/recipe.md, with the released file and line.
         "model": {"dtype": "bfloat16", "num_layers": 30, "num_attention_heads": 12, "attention_head_dim": 128,
                   "ffn_dim": 8960, "text_dim": 4096, "freq_dim": 256, "latent_channels": 16,
-                  "gradient_checkpointing": True},
+                  "gradient_checkpointing": True, "lora_rank": 256, "lora_alpha": 256.0},
+        # local_attn_size 12 (sink 3 + 5 routed + 4 nearest), KV cache local 12 + slice_last_frames 21 = 33 frames
         "streaming": {"frames_per_block": 3, "sink_frames": 3, "window_frames": 12, "nearest_frames": 4,
-                      "cache_frames": 21},
-        # forks at frame >= 21, as LongLive-KVPO: the route pool then holds 14 (P = 1) or 11 (P = 2) older frames
-        "rollout": {"num_blocks": 10, "fork_min": 7, "fork_max": 8, "perturbed_blocks": 2, "num_branches": 8,
-                    "latent_height": 60, "latent_width": 104, "prompt_length": 512,
-                    "streaming_chunk_size": 21, "streaming_min_new_frame": 18},
-        "replay": {"grad_steps": 2, "energy_scale": 1.0, "rematerialize": True},
-        "optim": {"lr": 1e-5, "ema_decay": 0.999, "updates_per_rollout": 1},
-        "run": {"steps": 500, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},
+                      "cache_frames": 33},
+        # 147 frames in chunks [0, 21), [21, 39), ... of 18; P = 5 blocks inside one of the first 7 chunks and at
+        # frame >= local_attn_size (12): 12 eligible forks, frames 21, 24, 39, 42, ..., 111, 114
+        "rollout": {"num_blocks": 49, "fork_min": 4, "fork_max": 44, "perturbed_blocks": 5, "num_branches": 8,
+                    "streaming_chunk_size": 21, "streaming_min_new_frame": 18, "perturb_within_first_x_chunks": 7,
+                    "groups_per_step": 8,
+                    "latent_height": 60, "latent_width": 104, "prompt_length": 512},
+        "replay": {"grad_steps": 2, "rematerialize": True},
+        "optim": {"lr": 1e-5},
+        # max_train_steps 1500 counts old-policy windows of 2 rollouts; one of our steps is one rollout
+        "run": {"steps": 3000, "seed": 42, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},
     },
 }
 

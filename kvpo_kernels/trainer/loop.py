@@ -35,7 +35,8 @@ from .errors import InputTypeError, InputValueError
 from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier, local_groups
 from .metrics import AVERAGED_METRICS
 from .model import build_transformer, resolve_device
-from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
+from .objective import (anchor_is_beaten, anchor_relative_advantages, branch_log_likelihood, kvpo_loss,
+                        step_temperatures)
 from .rewards import RewardFn, build_reward
 from .rollout import (GroupRollout, PromptEntry, align_switch_frames, backward_through_replay, chunk_layout,
                       group_rewards, group_rollout, replay_energies)
@@ -94,6 +95,7 @@ class GroupData:
 
     rollout: GroupRollout
     advantages: torch.Tensor
+    anchor_beaten: bool           # anchor protection off: a branch's raw weighted reward beats the anchor's
     reward: torch.Tensor
     fork: int
     prompt_id: int
@@ -120,6 +122,9 @@ class Trainer:
 
         # Every input is checked before the model is built (minutes and GBs at 1.3B).
         self.config = config.validate()
+        if config.model.lora_rank:
+            raise InputValueError("model.lora_rank: LoRA adapters are not built by this trainer yet (set "
+                                  "model.lora_rank=0 for a full fine-tune, or pass a LoRA-wrapped `transformer`)")
         self.allow_config_change = allow_config_change
         self.resumed_from: Optional[str] = None
         model_section = config.model
@@ -270,7 +275,7 @@ class Trainer:
         with torch.set_grad_enabled(grad):  # the policy window: rollout.window_blocks
             return replay_energies(self.generator, rollout, grad_steps=replay.grad_steps,
                                    step_weights=self.step_weights, energy_scale=replay.energy_scale,
-                                   backend=replay.energy_backend)
+                                   energy_space=replay.energy_space, backend=replay.energy_backend)
 
     def _settle_energies(self, group: GroupData, policy_energy: Optional[torch.Tensor] = None) -> None:
         """Fix the old and reference policies' energies of `group` for the whole step, replaying each only when it
@@ -300,7 +305,8 @@ class Trainer:
         rng = self._group_rng(group_index)
         prompt_id = int(torch.randint(len(self.prompt_entries), (1,), generator=rng))
         entry = self.prompt_entries[prompt_id]
-        fork = int(torch.randint(rollout_config.fork_min, rollout_config.fork_max + 1, (1,), generator=rng))
+        forks = config.fork_blocks()
+        fork = forks[int(torch.randint(len(forks), (1,), generator=rng))]
         with self._weights(None if old_is_policy else self.old):
             rollout = group_rollout(self.generator, [self.prompts[i:i + 1] for i in entry.segment_ids],
                                     prompt_id=prompt_id, segment_ids=entry.segment_ids,
@@ -319,7 +325,9 @@ class Trainer:
             advantages = anchor_relative_advantages(local, whole, self.component_weights,
                                                     signal_weights=(objective.local_weight, objective.global_weight),
                                                     clamp=objective.advantage_clamp)
-            group = GroupData(rollout=rollout, advantages=advantages, reward=(whole * self.component_weights).sum(1),
+            group = GroupData(rollout=rollout, advantages=advantages,
+                              anchor_beaten=anchor_is_beaten(local, whole, self.component_weights),
+                              reward=(whole * self.component_weights).sum(1),
                               fork=fork, prompt_id=prompt_id, old_is_policy=old_is_policy,
                               ref_is_policy=self.version == 0)
             self._settle_energies(group)
@@ -380,6 +388,9 @@ class Trainer:
         """One update on the step's groups: backward of every group's loss, then the gradient step."""
         self.transformer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
+        # The recipe's LR schedule steps once per old-policy window (released: at each old-policy sync).
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = self.config.optim.lr_at((self.rollouts - 1) // self.config.optim.old_sync_every)
         sums = {key: 0.0 for key in AVERAGED_METRICS}
         for group in data:
             for key, value in self._group_loss(group).items():
@@ -402,16 +413,17 @@ class Trainer:
         logl_ref = (None if group.energy_ref is None
                     else branch_log_likelihood(group.energy_ref.double(), temperatures))
         advantages = group.advantages.to(self.device)
-        terms = kvpo_loss(logl, logl_old, logl_ref, advantages, clip_low=objective.clip_low,
-                          clip_high=objective.clip_high, beta=objective.beta)
+        terms = kvpo_loss(logl, logl_old, logl_ref, advantages, anchor_beaten=group.anchor_beaten,
+                          clip_low=objective.clip_low, clip_high=objective.clip_high, beta=objective.beta)
         (terms.loss / config.rollout.groups_per_step).backward()
         if replay.rematerialize:
             backward_through_replay(self.generator, rollout, energy.grad, grad_steps=replay.grad_steps,
                                     step_weights=self.step_weights, energy_scale=replay.energy_scale,
-                                    backend=replay.energy_backend)
+                                    energy_space=replay.energy_space, backend=replay.energy_backend)
         reward = group.reward
         values = dict(loss=terms.loss, policy_loss=terms.policy_loss, kl=terms.kl, clip_fraction=terms.clip_fraction,
-                      ratio_mean=terms.ratio_mean, entropy=terms.entropy, scale=terms.scale,
+                      ratio_mean=terms.ratio_mean, ratio_min=terms.ratio_min, ratio_max=terms.ratio_max,
+                      entropy=terms.entropy, scale=terms.scale,
                       reward_mean=reward.mean(), reward_anchor=reward[-1], reward_best=reward[:-1].max(),
                       advantage_mean=group.advantages.mean(), advantage_abs=group.advantages.abs().mean(),
                       energy_mean=energy.mean())

@@ -14,14 +14,16 @@ from typing import Dict
 # Per-group values of the objective (kvpo_loss's terms).
 LOSS_METRICS: Dict[str, str] = {
     "loss": "the KVPO loss", "policy_loss": "its clipped-ratio policy term", "kl": "KL(pi_theta || pi_ref)",
-    "clip_fraction": "fraction of clipped branch ratios", "ratio_mean": "mean branch ratio pi_theta / pi_old",
+    "clip_fraction": "fraction of branch ratios outside the clip range", "ratio_mean": "mean branch ratio pi_theta /"
+    " pi_old (!= 1 once the old policy lags: every second rollout by default)", "ratio_min": "min branch ratio",
+    "ratio_max": "max branch ratio",
     "entropy": "entropy of the Gibbs branch policy", "scale": "anchor-protection scale",
 }
 # Per-group values of the data (rewards of the whole video, advantages, energies, fork block).
 GROUP_METRICS: Dict[str, str] = {
     "reward_mean": "weighted whole-video reward, group mean", "reward_anchor": "... of the anchor",
     "reward_best": "... of the best branch", "advantage_mean": "mean advantage", "advantage_abs": "mean |advantage|",
-    "energy_mean": "mean trajectory velocity energy", "fork_block": "fork block",
+    "energy_mean": "mean trajectory energy (replay.energy_space)", "fork_block": "fork block",
 }
 AVERAGED_METRICS = (*LOSS_METRICS, *GROUP_METRICS)
 # Per-step values, the same on every rank.

@@ -28,12 +28,14 @@ with P = 5 and 18-frame chunks, 5 or 6 blocks); a positive value asks for that m
 rounded up to whole blocks, at least the P perturbed ones, at most to the end of the video.
 
 Replay of the G branches (the anchor is only a reward baseline): from the pre-fork snapshot forked into G sequences,
-routing off, the policy predicts x0 at each recorded noisy input x_t; the trajectory velocity energy of step k is
+routing off, the policy predicts x0 at each recorded noisy input x_t; the trajectory energy of step k is
 
-    E[g, b, k] = w_k * mean_j (v_theta - v_rollout)^2 = w_k / sigma_k^2 * mean_j (x0_theta - x0_rollout)^2,
+    "x0" (default; released kvpo.py _compute_trajectory_log_prob):  E[g, b, k] = w_k * mean_j (x0_theta - x0_rollout)^2
+    "velocity" (option):  E[g, b, k] = w_k * mean_j (v_theta - v_rollout)^2 = w_k / sigma_k^2 * (the x0 residual)
 
-(v = (x_t - x0) / sigma at the same x_t), computed by :func:`kvpo_kernels.velocity_energy` for all K steps of a
-block at once. Replay context (released): each replayed block's history for the next one is the REPLAYING policy's
+(v = (x_t - x0) / sigma at the same x_t; w_k = energy_scale * step weight), computed by
+:func:`kvpo_kernels.velocity_energy` for all K steps of a block at once (``replay.energy_space`` selects the form).
+Replay context (released): each replayed block's history for the next one is the REPLAYING policy's
 own last-step x0, committed as the rollout commits (timestep ``context_noise``, the rollout's own commit noise), not
 the rollout's clean block; so a replay by the rollout policy reproduces the rollout exactly. (The released code
 draws fresh commit noise in the replay; at its default, context_noise 0, we commit x0 exactly: no noise at all.)
@@ -59,6 +61,7 @@ import torch
 
 from .. import velocity_energy
 from ..routing import chr_routes, uniform_routes
+from .config import chunk_layout
 
 SAMPLERS = {"chr": chr_routes, "uniform": uniform_routes}
 SEGMENT_SEPARATOR = "||"
@@ -116,19 +119,6 @@ def prompt_entries_from_lines(lines: Sequence[str]) -> Tuple[List[str], List[Pro
     if not entries:
         raise ValueError("prompt lines: no prompt (every line is blank)")
     return texts, entries
-
-
-def chunk_layout(num_frames: int, chunk_size: int, min_new_frame: int) -> List[Tuple[int, int]]:
-    """Streaming chunks ``[(start, end)]``: ``[0, chunk_size)``, then ``min_new_frame`` frames each (the last one
-    clipped to the video). ``chunk_size == 0``: one chunk, the whole video."""
-    if chunk_size <= 0:
-        return [(0, num_frames)]
-    chunks, start = [], 0
-    while start < num_frames:
-        end = min(num_frames, start + (chunk_size if not chunks else min_new_frame))
-        chunks.append((start, end))
-        start = end
-    return chunks
 
 
 def align_switch_frames(switch_frames: Sequence[int], chunks: Sequence[Tuple[int, int]]) -> List[int]:
@@ -339,7 +329,10 @@ def _generate_group(gen, segments, switches, num_blocks, fork_block, perturbed_b
                 x0_pred=torch.stack(x0_pred), routes=routes, commit_noise=commit_noise)
 
 
-def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, energy_scale):
+ENERGY_SPACES = ("x0", "velocity")
+
+
+def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, energy_scale, energy_space):
     """sigmas [K], per-step energy weights [K], one cache per replayed block, prompt embeds [G, L, D], and the
     policy's own last-step x0 of each block ``[NB]`` of ``[G, C, f, H, W]`` (no graph).
 
@@ -353,8 +346,11 @@ def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, ene
     device = next(gen.transformer.parameters()).device
     sigmas = rollout.sigmas.to(device)
     weights = torch.ones(steps, device=device) if step_weights is None else step_weights.to(device)
-    # E is the velocity residual; at the same x_t it is the x0 residual divided by sigma.
-    weights = energy_scale * weights / sigmas.square()
+    if energy_space not in ENERGY_SPACES:
+        raise ValueError(f"energy_space must be one of {ENERGY_SPACES}, got {energy_space!r}")
+    weights = energy_scale * weights
+    if energy_space == "velocity":  # at the same x_t the velocity residual is the x0 residual divided by sigma
+        weights = weights / sigmas.square()
     embeds = rollout.prompt_embeds[rollout.segment_at(rollout.prefix.shape[2])].expand(G, -1, -1)
     cache, caches, last = rollout.prefix_cache.fork(G), [], []
     with torch.no_grad():
@@ -377,18 +373,20 @@ def _check_blocks(rollout: GroupRollout, num_blocks: Optional[int]) -> int:
 
 def replay_energies(gen, rollout: GroupRollout, *, num_blocks: Optional[int] = None, grad_steps: int,
                     step_weights: Optional[torch.Tensor] = None, energy_scale: float = 1.0,
-                    backend: str = "auto") -> torch.Tensor:
-    """Trajectory velocity energies ``E [G, NB, K]`` of the G branches under the generator's current weights.
+                    energy_space: str = "x0", backend: str = "auto") -> torch.Tensor:
+    """Trajectory energies ``E [G, NB, K]`` (x0 or velocity residual: ``energy_space``) of the G branches under the
+    generator's current weights.
 
     Replays the first ``num_blocks`` chunk blocks (default: the policy window, ``rollout.window_blocks``) with
     routing off from the pre-fork snapshot, each block reading the policy's own earlier x0 (module docstring).
     Autograd records the first ``grad_steps`` steps of each block when grad mode is on; the later steps are
     computed without a graph (they still count in E, they just pass no gradient). step_weights ``[K]`` (default 1)
-    multiply each step's energy, on top of the 1 / sigma^2 that turns the x0 residual into a velocity one.
+    and energy_scale multiply each step's energy (with ``energy_space="velocity"`` also 1 / sigma_k^2).
     """
     G, steps = rollout.num_branches, rollout.sigmas.numel()
     num_blocks = _check_blocks(rollout, num_blocks)
-    sigmas, weights, caches, embeds, last = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale)
+    sigmas, weights, caches, embeds, last = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale,
+                                                          energy_space)
     energies = []
     for i, cache in enumerate(caches):
         block = rollout.fork_block + i
@@ -408,7 +406,7 @@ def replay_energies(gen, rollout: GroupRollout, *, num_blocks: Optional[int] = N
 
 def backward_through_replay(gen, rollout: GroupRollout, energy_grad: torch.Tensor, *, grad_steps: int,
                             step_weights: Optional[torch.Tensor] = None, energy_scale: float = 1.0,
-                            backend: str = "auto") -> None:
+                            energy_space: str = "x0", backend: str = "auto") -> None:
     """Accumulate ``sum_{g,b,k} energy_grad[g, b, k] * dE[g, b, k]/dtheta`` into the parameters' ``.grad``.
 
     The memory-lean second pass of a replay: with ``energy_grad [G, NB, K]`` = dLoss/dE from a no-grad
@@ -418,7 +416,8 @@ def backward_through_replay(gen, rollout: GroupRollout, energy_grad: torch.Tenso
     commits carry no gradient in either).
     """
     G, num_blocks = rollout.num_branches, _check_blocks(rollout, energy_grad.shape[1])
-    sigmas, weights, caches, embeds, _ = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale)
+    sigmas, weights, caches, embeds, _ = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale,
+                                                       energy_space)
     for i, cache in enumerate(caches):
         block = rollout.fork_block + i
         for k in range(grad_steps):
