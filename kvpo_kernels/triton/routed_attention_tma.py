@@ -129,8 +129,10 @@ def _routed_attention_fwd_tma_kernel(
     lse_ptrs = Lse_ptr + b * stride_lb + h * stride_lh + offs_m
     if RESUME:
         lse_init = tl.load(lse_ptrs, mask=m_ok, other=float("-inf"))
+        # (m, l, acc) = (lse1 in base 2, 1, o1) is pass 1's final state. An empty pass-1 row (lse1 = -inf, o1 = 0)
+        # needs no special case: the first finite score gives alpha = exp2(-inf) = 0, which drops that l = 1.
         m_i = lse_init * 1.4426950408889634
-        l_i = tl.where(lse_init == float("-inf"), 0.0, 1.0)
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         acc = tl.load(Init_ptr + row_offs, mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
