@@ -1,30 +1,82 @@
-"""Backend discovery and dispatch, shared by every op.
+"""Backend tables and dispatch, shared by every op.
 
 Backends, in the order ``backend="auto"`` tries them: ``cuda`` (csrc kernels, CUDA tensors), ``triton`` (Triton
 kernels, CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, the CI path), ``cpu`` (csrc C++ kernels, CPU
-tensors), ``torch`` (``reference.py``, anything). Each op states, per backend, why it cannot serve given inputs;
-``select_backend`` picks the first that can, or raises one error listing every backend's reason (as xformers'
-dispatcher does). An explicit backend that cannot serve the inputs raises its reason: there is no silent fallback.
-``KVPO_BACKEND`` in the environment overrides ``"auto"``.
+tensors), ``torch`` (pure PyTorch, anything). Each op registers one table, backend -> ``Backend`` (dtypes, devices,
+head dims, launchers, extra requirement); dispatch (``select_backend``), the reasons a backend cannot serve given
+inputs (``why_not``), ``available_backends()`` and ``describe_backends()`` all read that table, so adding a backend
+to an op is one table entry plus its launcher files. ``select_backend`` picks the first backend that can serve the
+inputs, or raises one error listing every backend's reason (as xformers' dispatcher does). An explicit backend that
+cannot serve the inputs raises its reason: there is no silent fallback. ``KVPO_BACKEND`` overrides ``"auto"``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 
-# op name -> function(backend) -> None if the backend can run on this machine at all, else why not.
-_OP_CAPABILITIES: Dict[str, Callable[[str], Optional[str]]] = {}
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One row of an op's backend table.
+
+    dtypes: the input dtypes it serves. devices: the tensor device types it runs (None: any). head_dims: the
+    inclusive range of head dims it serves (attention ops; None: no such limit). forward / backward:
+    ``"module:function"`` launchers, imported on first use (so that ``import kvpo_kernels`` imports no Triton);
+    backward None: autograd differentiates the forward itself. missing: why the backend has no kernel for this op
+    (the row is then only a reason). interpreter_dtypes / interpreter_note: the dtypes Triton's interpreter runs
+    correctly, when fewer, and why. requirement(device or None): any further reason it cannot run (None: it can).
+    """
+
+    dtypes: Tuple[torch.dtype, ...] = ()
+    devices: Optional[Tuple[str, ...]] = None
+    head_dims: Optional[Tuple[int, int]] = None
+    forward: Optional[str] = None
+    backward: Optional[str] = None
+    missing: Optional[str] = None
+    interpreter_dtypes: Optional[Tuple[torch.dtype, ...]] = None
+    interpreter_note: str = ""
+    requirement: Optional[Callable[[Optional[torch.device]], Optional[str]]] = None
+
+
+_TABLES: Dict[str, Dict[str, Backend]] = {}
+
+
+def register_op(op: str, table: Dict[str, Backend]) -> None:
+    """Register ``op``'s backend table (one ``Backend`` per name of ``BACKENDS``)."""
+    if tuple(table) != BACKENDS:
+        raise ValueError(f"{op}: the backend table must list {BACKENDS} in that order, got {tuple(table)}")
+    _TABLES[op] = table
+
+
+def backend_table(op: str) -> Dict[str, Backend]:
+    if op not in _TABLES:
+        raise ValueError(f"op must be one of {sorted(_TABLES)}, got {op!r}")
+    return _TABLES[op]
+
+
+def launcher(op: str, backend: str, direction: str) -> Callable:
+    """The ``forward`` or ``backward`` launcher of ``op`` on ``backend``, looked up on every call (a dict lookup
+    once imported), so that a test's monkeypatch of the launcher's module is seen."""
+    module, name = getattr(_TABLES[op][backend], direction).split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------------------------------------- the machine
 
 @functools.lru_cache(maxsize=None)
 def native_extension():
-    """``(module, None)`` for the built ``kvpo_kernels._C``, or ``(None, why it is missing)``. Loaded once."""
+    """``(module, None)`` for the built ``kvpo_kernels._C``, or ``(None, why it is missing)``. Loaded once.
+
+    ``KVPO_DISABLE_EXTENSION=1`` hides a built extension (CI runs part of the suite so: the pure-Python install)."""
+    if os.environ.get("KVPO_DISABLE_EXTENSION", "0") == "1":
+        return None, "kvpo_kernels._C is disabled by KVPO_DISABLE_EXTENSION=1"
     try:
         return importlib.import_module("kvpo_kernels._C"), None
     except ImportError as err:
@@ -44,7 +96,7 @@ def triton_import_error() -> Optional[str]:
     return None
 
 
-def cuda_backend_unavailable() -> Optional[str]:
+def _cuda_unavailable() -> Optional[str]:
     module, why = native_extension()
     if module is None:
         return why
@@ -55,7 +107,7 @@ def cuda_backend_unavailable() -> Optional[str]:
     return None
 
 
-def triton_backend_unavailable() -> Optional[str]:
+def _triton_unavailable() -> Optional[str]:
     why = triton_import_error()
     if why is not None:
         return why
@@ -64,16 +116,12 @@ def triton_backend_unavailable() -> Optional[str]:
     return None
 
 
-def cpu_backend_unavailable() -> Optional[str]:
-    return native_extension()[1]
-
-
 def machine_unavailable(backend: str) -> Optional[str]:
-    """Why ``backend`` cannot run on this machine at all (None if it can)."""
+    """Why ``backend`` cannot run on this machine at all, for any op (None if it can)."""
     return {
-        "cuda": cuda_backend_unavailable,
-        "triton": triton_backend_unavailable,
-        "cpu": cpu_backend_unavailable,
+        "cuda": _cuda_unavailable,
+        "triton": _triton_unavailable,
+        "cpu": lambda: native_extension()[1],
         "torch": lambda: None,
     }[backend]()
 
@@ -83,21 +131,52 @@ def tensor_device_unavailable(backend: str, device: torch.device) -> Optional[st
     why = machine_unavailable(backend)
     if why is not None:
         return why
-    if backend == "cuda" and device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
-    if backend == "cpu" and device.type != "cpu":
-        return f"the cpu backend needs CPU tensors, got {device.type} tensors"
-    if backend == "triton":
-        if device.type == "cpu" and not triton_interpreting():
-            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
-        if device.type not in ("cpu", "cuda"):
-            return f"Triton does not run {device.type} tensors"
+    if backend == "triton" and device.type == "cpu" and not triton_interpreting():
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
     return None
 
 
-def register_op(op: str, capability: Callable[[str], Optional[str]]) -> None:
-    """Register ``op`` for ``available_backends``: ``capability(backend)`` says why a backend cannot run it here."""
-    _OP_CAPABILITIES[op] = capability
+# ---------------------------------------------------------------------------------------------- reading a table
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(dtype).replace("torch.", "") for dtype in dtypes)
+
+
+def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype,
+            head_dim: Optional[int] = None) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on inputs of this device, dtype (and head dim); None if it can."""
+    row = backend_table(op)[backend]
+    if row.missing is not None:
+        return row.missing
+    why = tensor_device_unavailable(backend, device)
+    if why is not None:
+        return why
+    if row.devices is not None and device.type not in row.devices:
+        return f"the {backend} backend of {op} runs {'/'.join(row.devices)} tensors, got {device.type} tensors"
+    if dtype not in row.dtypes:
+        return f"{backend} supports {_dtype_names(row.dtypes)}, not {_dtype_names([dtype])}"
+    interpreted = backend == "triton" and device.type == "cpu"
+    if interpreted and row.interpreter_dtypes is not None and dtype not in row.interpreter_dtypes:
+        return f"{backend} does not run {_dtype_names([dtype])} under TRITON_INTERPRET=1: {row.interpreter_note}"
+    if head_dim is not None and row.head_dims is not None and not row.head_dims[0] <= head_dim <= row.head_dims[1]:
+        return f"head dim D must be in [{row.head_dims[0]}, {row.head_dims[1]}] for {backend}, got {head_dim}"
+    return row.requirement(device) if row.requirement is not None else None
+
+
+def machine_why_not(op: str, backend: str) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on this machine at all (for ``available_backends``)."""
+    row = backend_table(op)[backend]
+    if row.missing is not None:
+        return row.missing
+    why = machine_unavailable(backend)
+    if why is None and row.requirement is not None:
+        why = row.requirement(None)
+    return why
+
+
+def backends_for(op: str, device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None) -> List[str]:
+    """Every backend that can serve ``op`` on such inputs here, in ``BACKENDS`` order (the tests' parameters)."""
+    return [name for name in BACKENDS if why_not(op, name, device, dtype, head_dim) is None]
 
 
 def check_backend_name(backend: object) -> str:
@@ -108,12 +187,12 @@ def check_backend_name(backend: object) -> str:
     return backend
 
 
-def select_backend(op: str, requested: str, why_not: Callable[[str], Optional[str]], device_type: str) -> str:
-    """Return the backend to run ``op`` on inputs on ``device_type`` with.
+def select_backend(op: str, requested: str, device: torch.device, dtype: torch.dtype,
+                   head_dim: Optional[int] = None) -> str:
+    """Return the backend to run ``op`` on inputs on ``device`` of ``dtype`` (and ``head_dim``) with.
 
-    ``why_not(backend)`` returns None when the backend can serve the inputs, else the reason it cannot. An automatic
-    choice never takes Triton's interpreter for CPU tensors (a test path, slower than every other backend); asking for
-    ``"triton"`` explicitly, by argument or ``KVPO_BACKEND``, still gets it.
+    An automatic choice never takes Triton's interpreter for CPU tensors (a test path, slower than every other
+    backend); asking for ``"triton"`` explicitly, by argument or ``KVPO_BACKEND``, still gets it.
     """
     requested = check_backend_name(requested)
     if requested == "auto":
@@ -123,16 +202,16 @@ def select_backend(op: str, requested: str, why_not: Callable[[str], Optional[st
                 raise ValueError(f"KVPO_BACKEND must be 'auto' or one of {BACKENDS}, got {override!r}")
             requested = override
     if requested != "auto":
-        reason = why_not(requested)
+        reason = why_not(op, requested, device, dtype, head_dim)
         if reason is not None:
             raise ValueError(f"{op}: backend={requested!r} cannot serve these inputs: {reason}")
         return requested
     reasons = {}
     for backend in BACKENDS:
-        if backend == "triton" and device_type == "cpu":
+        if backend == "triton" and device.type == "cpu":
             reason = "auto never picks Triton's interpreter for CPU tensors (a test path; ask for backend='triton')"
         else:
-            reason = why_not(backend)
+            reason = why_not(op, backend, device, dtype, head_dim)
         if reason is None:
             return backend
         reasons[backend] = reason
@@ -146,18 +225,22 @@ def available_backends(op: Optional[str] = None) -> Dict[str, Dict[str, Optional
     >>> kvpo_kernels.available_backends()["velocity_energy"]["cuda"]
     'no CUDA device is visible to torch'
     """
-    ops = [op] if op is not None else sorted(_OP_CAPABILITIES)
-    unknown = [name for name in ops if name not in _OP_CAPABILITIES]
-    if unknown:
-        raise ValueError(f"op must be one of {sorted(_OP_CAPABILITIES)}, got {unknown[0]!r}")
-    return {name: {backend: _OP_CAPABILITIES[name](backend) for backend in BACKENDS} for name in ops}
+    ops = [op] if op is not None else sorted(_TABLES)
+    for name in ops:
+        backend_table(name)
+    return {name: {backend: machine_why_not(name, backend) for backend in BACKENDS} for name in ops}
 
 
 def describe_backends() -> str:
-    """A readable table of ``available_backends()``."""
+    """A readable table: per op and backend, whether it runs here (or why not) and what it serves."""
     lines = []
-    for op, table in available_backends().items():
+    for op, reasons in available_backends().items():
         lines.append(op)
-        for backend, why in table.items():
-            lines.append(f"  {backend:<7} {'yes' if why is None else 'no: ' + why}")
+        for backend, why in reasons.items():
+            row = _TABLES[op][backend]
+            serves = ""
+            if row.missing is None:
+                serves = f"  [{_dtype_names(row.dtypes)}; {'/'.join(row.devices) if row.devices else 'any device'}"
+                serves += f"; D {row.head_dims[0]}..{row.head_dims[1]}]" if row.head_dims else "]"
+            lines.append(f"  {backend:<7} {'yes' if why is None else 'no: ' + why}{serves}")
     return "\n".join(lines)

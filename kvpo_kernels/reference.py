@@ -28,7 +28,8 @@ def velocity_energy(pred: torch.Tensor, target: torch.Tensor, weight: Optional[t
     acc = _accumulation_dtype(pred.dtype)
     batch, steps = pred.shape[:2]
     diff = pred.to(acc) - target.to(acc)
-    squared = diff.square().reshape(batch, steps, -1)
+    # The row length is spelled out: reshape cannot infer a -1 from zero elements (B * T = 0).
+    squared = diff.square().reshape(batch, steps, math.prod(pred.shape[2:]))
     energy = squared.mean(-1) if reduction == "mean" else squared.sum(-1)
     if weight is not None:
         energy = energy * weight.to(acc).expand(batch, steps)

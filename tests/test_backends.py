@@ -1,6 +1,10 @@
 """available_backends() and the dispatcher, as velocity_energy uses them: reasons up front, errors that say why."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -91,3 +95,27 @@ def test_bad_backend_names():
         kvpo_kernels.velocity_energy(pred, pred, backend="fast")
     with pytest.raises(TypeError, match="backend must be a str"):
         kvpo_kernels.velocity_energy(pred, pred, backend=1)
+
+
+def test_import_does_not_pull_dynamo_or_triton():
+    """``import kvpo_kernels`` must cost about ``import torch`` (issue 13: torch._dynamo was ~2 s of ~5 s);
+    benchmarks/measure_import_time.py measures the ratio."""
+    code = "import sys, kvpo_kernels; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_constant_result_marker_is_what_torch_sets():
+    """_device.assume_constant_result sets dynamo's marker without importing dynamo; torch's own decorator must
+    still work by that one attribute, else the backend choice would be traced instead of folded."""
+    from kvpo_kernels._device import assume_constant_result
+
+    def ours():
+        pass
+
+    def theirs():
+        pass
+
+    torch.compiler.assume_constant_result(theirs)
+    assert vars(assume_constant_result(ours)) == vars(theirs) == {"_dynamo_marked_constant": True}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import List, Optional
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 import kvpo_kernels
 from kvpo_kernels import reference, routed_attention
+from kvpo_kernels._backends import backends_for
 from kvpo_kernels.triton import routed_attention as triton_routed_attention
 
 from _assertions import assert_close_to_truth
@@ -22,6 +24,8 @@ from _sm90 import run_compile_script
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
+# The backends that serve fp32 inputs on DEVICE here, from the op's backend table (triton and torch on CI).
+BACKENDS = backends_for("routed_attention", torch.device(DEVICE), torch.float32)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
@@ -172,7 +176,7 @@ def test_torch_backend_matches_reference(case):
     check_against_reference(case, torch.float32, "torch")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_row_gives_zero_and_minus_inf(backend, poison_outputs):
     case = CASES[-1]
     inputs = make_inputs(case, torch.float32)
@@ -214,7 +218,7 @@ def test_caches_without_grad_get_none_and_no_pool_work(monkeypatch):
     assert q.grad is not None and k_new.grad is not None and torch.isfinite(q.grad).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch,q_len", [(0, 3), (2, 0)], ids=["B0", "Lq0"])
 def test_no_queries(batch, q_len, backend):
     q = torch.randn(batch, q_len, 2, 8, device=DEVICE, requires_grad=True)
@@ -283,15 +287,13 @@ def _with(**changes):
 BAD_INPUTS = [
     ("q-rank", _with(q=lambda i: i["q"][0]), ValueError, "q must be"),
     ("q-not-tensor", _with(q=lambda i: i["q"].tolist()), TypeError, "q must be a torch.Tensor"),
-    ("q-dtype", _with(q=lambda i: i["q"].double()), TypeError, "q must be float16"),
+    ("q-dtype", _with(q=lambda i: i["q"].int()), TypeError, "q must be float16, bfloat16, float32 or float64"),
+    ("q-fp64-k-fp32", _with(q=lambda i: i["q"].double()), TypeError, "k_cache dtype"),
     ("k-dtype", _with(k_cache=lambda i: i["k_cache"].half()), TypeError, "k_cache dtype"),
     ("k-rank", _with(k_cache=lambda i: i["k_cache"][0]), ValueError, "k_cache must be"),
     ("v-shape", _with(v_cache=lambda i: i["v_cache"][:2]), ValueError, "v_cache shape"),
     ("head-dim", _with(k_cache=lambda i: i["k_cache"][..., :4], v_cache=lambda i: i["v_cache"][..., :4]), ValueError,
      "head dim"),
-    ("D>256", _with(q=lambda i: i["q"].new_zeros(2, 2, 4, 264), k_cache=lambda i: i["q"].new_zeros(3, 4, 2, 264),
-                    v_cache=lambda i: i["q"].new_zeros(3, 4, 2, 264), k_new=lambda i: None, v_new=lambda i: None),
-     ValueError, "head dim D must be"),
     ("heads", _with(q=lambda i: i["q"].new_zeros(2, 2, 3, 8)), ValueError, "multiple of k_cache heads"),
     ("table-rank", _with(block_table=lambda i: i["block_table"][0]), ValueError, "block_table must be"),
     ("table-rows", _with(block_table=lambda i: i["block_table"][:1]), ValueError, "block_table must be"),
@@ -318,7 +320,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,build,error,match", BAD_INPUTS, ids=[entry[0] for entry in BAD_INPUTS])
 def test_bad_inputs_raise_before_any_kernel(name, build, error, match, backend, monkeypatch):
     def no_launch(*args, **kwargs):
@@ -365,20 +367,21 @@ def test_backend_choice(monkeypatch):
     from kvpo_kernels.ops.routed_attention import _choose_backend
 
     monkeypatch.delenv("KVPO_BACKEND", raising=False)
-    assert _choose_backend("auto", "cpu") == "torch"
+    cpu = torch.device("cpu")
+    assert _choose_backend("auto", cpu, torch.float32) == "torch"
     if os.environ.get("TRITON_INTERPRET") == "1":  # set by conftest.py on machines without CUDA
-        assert _choose_backend("triton", "cpu") == "triton"
+        assert _choose_backend("triton", cpu, torch.float32) == "triton"
         monkeypatch.setenv("KVPO_BACKEND", "triton")
-        assert _choose_backend("auto", "cpu") == "triton"  # KVPO_BACKEND=triton overrides auto
+        assert _choose_backend("auto", cpu, torch.float32) == "triton"  # KVPO_BACKEND=triton overrides auto
         monkeypatch.delenv("KVPO_BACKEND")
     else:
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-            _choose_backend("triton", "cpu")
+            _choose_backend("triton", cpu, torch.float32)
     table = kvpo_kernels.available_backends("routed_attention")["routed_attention"]
     assert table["torch"] is None and "no CUDA C++ kernel" in table["cuda"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     case = Case("opcheck", 3, 3, 5, 2, 1, 16, [[0, 2], [1, 1]], [2, 1], new_len=2)
     inputs = make_inputs(case, torch.float32, DEVICE)
@@ -490,7 +493,8 @@ import triton
 import kvpo_kernels.triton.routed_attention as m
 from _sm90 import compile_for_sm90
 
-POINTERS = {"Out", "Q", "Kc", "Vc", "Kn", "Vn", "DQ", "DO", "DKc", "DVc", "DKn", "DVn", "O"}
+FP32_POINTERS = {"Lse_ptr", "Delta_ptr", "DLse_ptr"}
+INDEX_POINTERS = {"Table_ptr", "Counts_ptr", "Readers_ptr", "ReaderPtr_ptr", "BlockOrder_ptr"}
 
 
 def compile_kernel(kernel, dtype, constexprs, config):
@@ -504,12 +508,12 @@ def compile_kernel(kernel, dtype, constexprs, config):
         if name in consts:
             signature[name] = "constexpr"
             continue
-        if name in POINTERS:
-            signature[name] = "*" + dtype
-        elif name in ("Lse", "Delta", "DLse"):
+        if name in FP32_POINTERS:
             signature[name] = "*fp32"
-        elif name in ("Table", "Counts", "Readers", "ReaderPtr", "BlockOrder"):
+        elif name in INDEX_POINTERS:
             signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype
         else:
             signature[name] = "fp32" if name in ("qk_scale", "softmax_scale") else "i32"
         if signature[name].startswith("*") or (name.startswith("stride_") and name != "stride_tb"):
@@ -546,3 +550,117 @@ def test_kernels_compile_for_sm90_without_spills():
         assert usage["shared"] <= 227 * 1024, (name, usage)
         if name.endswith("bf16-D128") and usage["stack"] is not None:
             assert usage["stack"] == 0, f"{name} spills {usage['stack']} bytes of registers to the stack"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 13 defects: each test failed before its fix
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("table", [[[0, 1]], [[1, 0]]], ids=["masked-first", "masked-last"])
+def test_fully_masked_first_tile_is_not_nan(table, dtype):
+    """A first key tile whose scores are all -inf (a -inf key): the online softmax's running max stays -inf there,
+    and exp2(s - m) must not become exp2(-inf + inf) = NaN. Every backend agrees with the float64 truth 7.0."""
+    q = torch.ones(1, 1, 1, 1, dtype=dtype, device=DEVICE, requires_grad=True)
+    k_cache = torch.tensor([[[[-float("inf")]]], [[[0.0]]]], dtype=dtype, device=DEVICE)
+    k_cache.requires_grad_(True)
+    v_cache = torch.tensor([[[[5.0]]], [[[7.0]]]], dtype=dtype, device=DEVICE, requires_grad=True)
+    block_table = torch.tensor(table, dtype=torch.int32, device=DEVICE)
+    for backend in backends_for("routed_attention", q.device, dtype):
+        out, lse = routed_attention(q, k_cache, v_cache, block_table, return_lse=True, backend=backend)
+        assert out.item() == 7.0 and lse.item() == 0.0, backend
+        # dq = sum_k dS K holds 0 * -inf = NaN in the float64 truth too; dK and dV are finite (the padded query
+        # rows of the dK/dV kernels' tile must not turn 0 * -inf into a NaN there either).
+        dk, dv = torch.autograd.grad(out.sum(), (k_cache, v_cache))
+        assert torch.equal(dk.flatten().float(), torch.tensor([0.0, 0.0])), backend
+        assert torch.equal(dv.flatten().float(), torch.tensor([0.0, 1.0])), backend
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e39, 3e38])
+def test_softmax_scale_not_finite_in_fp32_is_refused(scale):
+    """1e39 passes math.isfinite but is inf as an fp32 number (and 3e38 * log2(e), the kernels' base-2 scale, too)."""
+    with pytest.raises(ValueError, match="routed_attention: softmax_scale"):
+        routed_attention(**_valid(), softmax_scale=scale)
+
+
+def test_bf16_under_the_interpreter_is_refused_not_garbage():
+    """The interpreter's bf16 tl.dot multiplies raw bit patterns (an upstream Triton limitation): 264241152 instead
+    of 1. The triton backend refuses bf16 there, with the reason in the backend table."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("checks the interpreter")
+    ones = torch.ones(1, 1, 1, 16, dtype=torch.bfloat16)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="bfloat16.*TRITON_INTERPRET"):
+        routed_attention(ones, ones, ones, table, backend="triton")
+    out = routed_attention(ones, ones, ones, table, backend="torch")
+    assert torch.equal(out, ones)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backend table: head dims, float64, the Triton forward selection (KVPO_TRITON_FORWARD)
+# ----------------------------------------------------------------------------------------------------------------
+def _tiny_inputs(head_dim=8, dtype=torch.float32):
+    return make_inputs(Case("tiny", 3, 3, 2, 2, 1, head_dim, [[0, 2], [1, 1]], [2, 1], new_len=2), dtype, DEVICE)
+
+
+def test_head_dim_beyond_the_kernels_is_refused_by_the_table_and_served_by_torch():
+    inputs = _tiny_inputs(head_dim=264)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot serve.*head dim D must be in \[1, 256\]"):
+        routed_attention(**inputs, backend="triton")
+    want = reference.routed_attention(**{k: v.double() if v is not None and v.is_floating_point() else v
+                                         for k, v in inputs.items()})
+    assert_close_to_truth("out", routed_attention(**inputs, backend="torch"), want)
+
+
+def test_float64_runs_exactly_on_torch_and_is_refused_elsewhere():
+    """float64 end to end on the torch backend (exact checks of user models: gradcheck passes); every other
+    backend refuses it with the table's reason."""
+    inputs = _tiny_inputs(dtype=torch.float64)
+    leaves = [inputs[name].requires_grad_() for name in GRAD_NAMES]
+
+    def fn(q, k_cache, v_cache, k_new, v_new):
+        return routed_attention(q, k_cache, v_cache, inputs["block_table"], inputs["block_counts"], k_new, v_new,
+                                return_lse=True, backend="torch")
+
+    out, lse = fn(*leaves)
+    assert out.dtype == torch.float64 and lse.dtype == torch.float64
+    torch.autograd.gradcheck(fn, leaves)
+    assert backends_for("routed_attention", torch.device(DEVICE), torch.float64) == ["torch"]
+    if "triton" in BACKENDS:
+        with pytest.raises(ValueError, match="triton supports float16, bfloat16, float32, not float64"):
+            routed_attention(*[x.detach() for x in leaves[:3]], inputs["block_table"], backend="triton")
+
+
+def test_triton_forward_selection(monkeypatch):
+    """KVPO_TRITON_FORWARD=tma routes the triton backend's forward to routed_attention_forward_tma (a stand-in
+    module here); an unknown value raises ValueError naming the variable; without an sm_90 device or the
+    interpreter the table refuses tma with its reason."""
+    import types
+
+    from kvpo_kernels.ops import routed_attention as op_module
+
+    if "triton" not in BACKENDS:
+        pytest.skip("the triton backend does not run here")
+    calls = []
+
+    def forward_tma(*args):
+        calls.append(args)
+        return triton_routed_attention.routed_attention_forward(*args)
+
+    monkeypatch.setitem(sys.modules, "kvpo_kernels.triton.routed_attention_tma",
+                        types.SimpleNamespace(routed_attention_forward_tma=forward_tma))
+    inputs = _tiny_inputs()
+    blocktable = routed_attention(**inputs, backend="triton")
+    monkeypatch.setenv("KVPO_TRITON_FORWARD", "tma")
+    assert torch.equal(routed_attention(**inputs, backend="triton"), blocktable) and len(calls) == 1
+    monkeypatch.setenv("KVPO_TRITON_FORWARD", "flat")
+    with pytest.raises(ValueError, match="KVPO_TRITON_FORWARD must be one of"):
+        routed_attention(**inputs, backend="triton")
+    monkeypatch.setenv("KVPO_TRITON_FORWARD", "tma")
+    monkeypatch.setattr(op_module, "triton_interpreting", lambda: False)
+    if not CUDA:
+        reason = "tma forward needs an sm_90 CUDA device, or TRITON_INTERPRET=1"
+        assert kvpo_kernels.available_backends("routed_attention")["routed_attention"]["triton"] == reason
+        assert reason in op_module._triton_forward_requirement(torch.device("cpu"))
+    monkeypatch.delitem(sys.modules, "kvpo_kernels.triton.routed_attention_tma")
+    monkeypatch.setitem(sys.modules, "kvpo_kernels.triton.routed_attention_tma", None)  # import fails
+    assert "cannot be imported" in op_module._triton_forward_requirement(None)

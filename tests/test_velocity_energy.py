@@ -13,7 +13,7 @@ import torch
 
 import kvpo_kernels
 from kvpo_kernels import reference
-from kvpo_kernels._backends import machine_unavailable, triton_interpreting
+from kvpo_kernels._backends import backend_table, backends_for, machine_unavailable, why_not
 from kvpo_kernels.ops.velocity_energy import _velocity_energy_backward_op, _velocity_energy_op
 
 from _assertions import assert_close_to_truth
@@ -23,20 +23,10 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _cpu_backend_params():
-    """Backends that run CPU tensors here, each with the dtypes tested on it."""
-    params = [pytest.param("torch", id="torch")]
-    if machine_unavailable("cpu") is None:
-        params.append(pytest.param("cpu", id="cpu"))
-    if machine_unavailable("triton") is None and triton_interpreting():
-        params.append(pytest.param("triton", id="triton"))
-    return params
-
-
-CPU_BACKENDS = _cpu_backend_params()
-DTYPES = {"torch": (torch.float32, torch.float16, torch.bfloat16),
-          "cpu": (torch.float32, torch.float16, torch.bfloat16),
-          "triton": (torch.float32, torch.float16)}  # bf16 is tested on the GPU
+CPU = torch.device("cpu")
+# Backends that run CPU tensors here, from the op's backend table (torch; cpu with the C++ extension; triton under
+# TRITON_INTERPRET=1), each tested in every dtype the table says it serves.
+CPU_BACKENDS = backends_for("velocity_energy", CPU, torch.float32)
 
 
 @pytest.fixture
@@ -140,8 +130,8 @@ CASES = [
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference(backend, dtype, shape, weight_kind, reduction, poisoned):
-    if dtype not in DTYPES[backend]:
-        pytest.skip(f"{backend} is not tested in {dtype} on CPU")
+    if why_not("velocity_energy", backend, CPU, dtype) is not None:
+        pytest.skip(why_not("velocity_energy", backend, CPU, dtype))
     if backend == "triton" and shape[-1] == 299_520 and dtype != torch.float32:
         pytest.skip("the interpreter is slow: the 299,520 case runs once (fp32)")
     pred, target = _randn(shape, dtype), _randn(shape, dtype)
@@ -285,7 +275,7 @@ def test_bad_inputs(case):
 
 # ---------------------------------------------------------------------------------------------- torch.library
 
-NATIVE_CPU_BACKENDS = [p for p in CPU_BACKENDS if p.values[0] != "torch"]
+NATIVE_CPU_BACKENDS = [name for name in CPU_BACKENDS if name != "torch"]
 
 
 @pytest.mark.parametrize("backend", NATIVE_CPU_BACKENDS)
@@ -338,7 +328,8 @@ def test_torch_compile_fullgraph():
 
 # ---------------------------------------------------------------------------------------------- GPU
 
-GPU_BACKENDS = ["triton", "cuda"]
+# The kernel backends the table lists for CUDA tensors (each skipped where it cannot run).
+GPU_BACKENDS = [name for name, row in backend_table("velocity_energy").items() if row.devices and "cuda" in row.devices]
 
 
 def _skip_unless_gpu_backend(backend):
@@ -508,3 +499,14 @@ def test_triton_kernels_compile_for_sm90():
             assert usage["stack"] == 0, f"{name} spills {usage['stack']} bytes of registers to the stack"
         if not name.startswith("combine"):
             assert usage["v4_loads"] > 0, f"{name}: no 16-byte vector loads on aligned rows"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (2, 0)], ids=str)
+def test_no_rows_on_every_backend(backend, shape):
+    """B * T = 0 (the torch backend's reshape of 0 elements raised before the fix)."""
+    pred = torch.zeros(shape, requires_grad=True)
+    energy = kvpo_kernels.velocity_energy(pred, torch.zeros(shape), backend=backend)
+    assert energy.shape == shape[:2]
+    energy.sum().backward()
+    assert pred.grad.shape == shape

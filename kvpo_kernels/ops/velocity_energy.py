@@ -3,12 +3,13 @@
     E = velocity_energy(pred, target, weight=None, *, reduction="mean", backend="auto")
     E[b, t] = weight[b, t] * reduce_j (pred[b, t, j] - target[b, t, j])^2,   reduce = mean | sum
 
-Layers: kernels (``kvpo_kernels/triton/velocity_energy.py``, ``csrc/cpu``, ``csrc/cuda``) -> launchers (the Triton
-ones in the triton module, the native ones here) -> the custom ops ``kvpo::velocity_energy`` and
-``kvpo::velocity_energy_backward`` (fake implementations for torch.compile, autograd registered on the forward),
-used when torch.compile traces the call, and an equivalent ``autograd.Function`` for eager calls (the custom op's
-dispatch costs more than a small GPU forward) -> this functional API. The ``torch`` backend is
-``reference.velocity_energy`` itself, differentiated by autograd.
+Layers (the template every op follows): validation (here, before anything runs) -> the backend table ``_TABLE``
+read by ``select_backend`` -> the custom ops ``kvpo::velocity_energy_fwd`` / ``kvpo::velocity_energy_bwd`` (fake
+implementations, autograd registration; opaque to ``torch.compile``) when torch.compile traces the call, and an
+equivalent ``autograd.Function`` for eager calls (the custom op's dispatch costs ~2x a Function's, as much as a
+small GPU forward) -> the launchers named in the table (Triton: ``kvpo_kernels/triton/velocity_energy.py``; csrc:
+``csrc/cpu``, ``csrc/cuda``, launched here). The ``torch`` backend is ``reference.velocity_energy`` itself,
+differentiated by autograd (its table row has no backward).
 
 Strides: the kernels read row (b, t) at ``b * stride(0) + t * stride(1)`` and need its trailing dims contiguous;
 when they are not (e.g. a transposed or sliced trailing dim) the input is copied once with ``.contiguous()``.
@@ -16,87 +17,77 @@ Gradients come back contiguous.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
-from .._backends import (check_backend_name, machine_unavailable, native_extension, register_op, select_backend,
-                         tensor_device_unavailable)
+from .._backends import Backend, check_backend_name, launcher, native_extension, register_op, select_backend
+from .._device import (DTYPE_CODES, accumulation_dtype, assume_constant_result, cuda_stream, device_index,
+                       launch_device, sm_count)
 
 _OP = "velocity_energy"
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-_SUPPORTED_DTYPES = {
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
-    "triton": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-    "torch": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+_ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_TABLE = {
+    "cuda": Backend(dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cuda",),
+                    forward=f"{__name__}:cuda_forward", backward=f"{__name__}:cuda_backward"),
+    "triton": Backend(dtypes=_ALL_DTYPES, devices=("cuda", "cpu"),
+                      forward="kvpo_kernels.triton.velocity_energy:velocity_energy_forward",
+                      backward="kvpo_kernels.triton.velocity_energy:velocity_energy_backward",
+                      interpreter_dtypes=(torch.float32, torch.float16, torch.float64),
+                      interpreter_note="the interpreter rounds to bf16 by truncation, not to nearest (an upstream "
+                                       "Triton limitation: gradients one bf16 step off); bf16 is tested on the GPU"),
+    "cpu": Backend(dtypes=_ALL_DTYPES, devices=("cpu",), forward=f"{__name__}:cpu_forward",
+                   backward=f"{__name__}:cpu_backward"),
+    "torch": Backend(dtypes=_ALL_DTYPES, forward=f"{__name__}:torch_forward"),
 }
+register_op(_OP, _TABLE)
 # CUDA forward: each block streams a chunk that is a multiple of 256 threads x one 16-byte vector x 4 loads in
 # flight, and the blocks of all rows fill the GPU once. Backward: fixed 8192-element chunks per block.
 _CUDA_THREADS, _CUDA_UNROLL, _CUDA_BACKWARD_CHUNK = 256, 4, 8192
-
-
-def _energy_dtype(dtype: torch.dtype) -> torch.dtype:
-    """E (and the weight the kernels read) is fp32, or fp64 for fp64 inputs (the gradcheck path)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- validation
 
 def _check_tensor(name: str, x: object) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _ALL_DTYPES:
+        raise TypeError(f"{_OP}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
 
 
 def _validate(pred, target, weight, reduction) -> None:
     _check_tensor("pred", pred)
     _check_tensor("target", target)
     if pred.dim() < 2:
-        raise ValueError(f"pred must have shape [B, T, *] (rank >= 2), got shape {tuple(pred.shape)}")
+        raise ValueError(f"{_OP}: pred must have shape [B, T, *] (rank >= 2), got shape {tuple(pred.shape)}")
     if target.shape != pred.shape:
-        raise ValueError(f"target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+        raise ValueError(f"{_OP}: target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
     if target.dtype != pred.dtype:
-        raise TypeError(f"target must have pred's dtype {pred.dtype}, got {target.dtype}")
+        raise TypeError(f"{_OP}: target must have pred's dtype {pred.dtype}, got {target.dtype}")
     if target.device != pred.device:
-        raise ValueError(f"target must be on pred's device {pred.device}, got {target.device}")
+        raise ValueError(f"{_OP}: target must be on pred's device {pred.device}, got {target.device}")
     batch, steps = pred.shape[0], pred.shape[1]
     if batch * steps > 0 and pred.numel() == 0:
-        raise ValueError(f"pred must have at least one element per (b, t) row, got shape {tuple(pred.shape)}")
+        raise ValueError(f"{_OP}: pred must have at least one element per (b, t) row, got shape {tuple(pred.shape)}")
     if weight is not None:
         _check_tensor("weight", weight)
         if weight.device != pred.device:
-            raise ValueError(f"weight must be on pred's device {pred.device}, got {weight.device}")
+            raise ValueError(f"{_OP}: weight must be on pred's device {pred.device}, got {weight.device}")
         if tuple(weight.shape) not in ((steps,), (batch, steps)):
-            raise ValueError(f"weight must have shape [T] = ({steps},) or [B, T] = ({batch}, {steps}), "
+            raise ValueError(f"{_OP}: weight must have shape [T] = ({steps},) or [B, T] = ({batch}, {steps}), "
                              f"got {tuple(weight.shape)}")
     if not isinstance(reduction, str) or reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise ValueError(f"{_OP}: reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Why ``backend`` cannot serve inputs of this device and dtype (None if it can)."""
-    why = tensor_device_unavailable(backend, device)
-    if why is not None:
-        return why
-    if dtype not in _SUPPORTED_DTYPES[backend]:
-        return f"{backend} supports {', '.join(str(d) for d in _SUPPORTED_DTYPES[backend])}, not {dtype}"
-    return None
-
-
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend for these inputs (raises ``ValueError`` saying why when none can serve them).
 
     Run eagerly even under torch.compile (its answer is a constant of the graph): it probes the machine."""
-    return select_backend(_OP, requested, lambda name: _why_not(name, device, dtype), device.type)
-
-
-register_op(_OP, machine_unavailable)  # every backend runs this op wherever the backend itself runs
+    return select_backend(_OP, requested, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- native launchers
@@ -124,23 +115,14 @@ def _native_args(pred, target, weight) -> tuple:
     return pred.data_ptr(), target.data_ptr(), w_ptr, batch, steps, n, strides
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: the launchers ask on every call)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_forward_partition(device_index: int, dtype: torch.dtype, n: int, rows: int) -> Tuple[int, int]:
+def _cuda_forward_partition(index: int, dtype: torch.dtype, n: int, rows: int) -> Tuple[int, int]:
     """(splits, chunk): at most one wave of forward blocks (occupancy x SMs), each chunk a whole number of sweeps
     of the block's 16-byte vector loads. Cached: shapes repeat from step to step."""
     module, _ = native_extension()
-    with torch.cuda.device(device_index):
-        slots = max(1, module.velocity_energy_cuda_blocks_per_sm(_DTYPE_CODES[dtype])) * _sm_count(device_index)
+    device = torch.device("cuda", index)
+    with torch.cuda.device(index):
+        slots = max(1, module.velocity_energy_cuda_blocks_per_sm(DTYPE_CODES[dtype])) * sm_count(device)
     unit = _CUDA_THREADS * (16 // dtype.itemsize) * _CUDA_UNROLL
     units = -(-n // unit)
     splits = max(1, min(units, slots // rows))
@@ -148,83 +130,83 @@ def _cuda_forward_partition(device_index: int, dtype: torch.dtype, n: int, rows:
     return -(-n // chunk), chunk
 
 
-def _cuda_stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device`` as an integer handle (the raw getter skips a Stream object)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
-
-
-def _native_forward(pred, target, weight, mean: bool, backend: str) -> torch.Tensor:
+def cpu_forward(pred, target, weight, mean: bool) -> torch.Tensor:
+    """E ``[B, T]`` by the csrc CPU kernel (the launcher contract of the triton module's velocity_energy_forward)."""
     module, _ = native_extension()
-    energy = torch.empty(pred.shape[:2], dtype=_energy_dtype(pred.dtype), device=pred.device)
+    energy = torch.empty(pred.shape[:2], dtype=accumulation_dtype(pred.dtype), device=pred.device)
     if energy.numel() == 0:
         return energy
     p_ptr, t_ptr, w_ptr, batch, steps, n, strides = _native_args(pred, target, weight)
-    code = _DTYPE_CODES[pred.dtype]
-    if backend == "cpu":
-        module.velocity_energy_forward_cpu(energy.data_ptr(), p_ptr, t_ptr, w_ptr, batch, steps, n, strides, code,
-                                           mean, torch.get_num_threads())
-        return energy
-    index = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
-    splits, chunk = _cuda_forward_partition(index, pred.dtype, n, batch * steps)
-    partials = torch.empty(batch * steps * splits if splits > 1 else 0, dtype=torch.float32, device=pred.device)
-    module.velocity_energy_forward_cuda(energy.data_ptr(), partials.data_ptr() if splits > 1 else 0, splits, chunk,
-                                        p_ptr, t_ptr, w_ptr, batch, steps, n, strides, code, mean,
-                                        _cuda_stream(pred.device))
+    module.velocity_energy_forward_cpu(energy.data_ptr(), p_ptr, t_ptr, w_ptr, batch, steps, n, strides,
+                                       DTYPE_CODES[pred.dtype], mean, torch.get_num_threads())
     return energy
 
 
-def _native_backward(grad, pred, target, weight, mean: bool, backend: str, need_pred: bool, need_target: bool):
+def cuda_forward(pred, target, weight, mean: bool) -> torch.Tensor:
+    """E ``[B, T]`` by the csrc CUDA kernel, on the current stream of pred's device."""
     module, _ = native_extension()
+    energy = torch.empty(pred.shape[:2], dtype=accumulation_dtype(pred.dtype), device=pred.device)
+    if energy.numel() == 0:
+        return energy
+    p_ptr, t_ptr, w_ptr, batch, steps, n, strides = _native_args(pred, target, weight)
+    splits, chunk = _cuda_forward_partition(device_index(pred.device), pred.dtype, n, batch * steps)
+    partials = torch.empty(batch * steps * splits if splits > 1 else 0, dtype=torch.float32, device=pred.device)
+    module.velocity_energy_forward_cuda(energy.data_ptr(), partials.data_ptr() if splits > 1 else 0, splits, chunk,
+                                        p_ptr, t_ptr, w_ptr, batch, steps, n, strides, DTYPE_CODES[pred.dtype], mean,
+                                        cuda_stream(pred.device))
+    return energy
+
+
+def _native_backward(grad, pred, target, weight, mean: bool, need_pred: bool, need_target: bool, launch):
+    """(dpred, dtarget) by ``launch(dpred_ptr, dtarget_ptr, grad_ptr, g_sb, g_st, *args)``, a csrc backward."""
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_pred else None
     grad_target = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if need_target else None
     if pred.numel() == 0 or not (need_pred or need_target):
         return grad_pred, grad_target
     p_ptr, t_ptr, w_ptr, batch, steps, n, strides = _native_args(pred, target, weight)
-    gp_ptr = grad_pred.data_ptr() if need_pred else 0
-    gt_ptr = grad_target.data_ptr() if need_target else 0
-    code = _DTYPE_CODES[pred.dtype]
-    if backend == "cpu":
-        module.velocity_energy_backward_cpu(gp_ptr, gt_ptr, grad.data_ptr(), grad.stride(0), grad.stride(1), p_ptr,
-                                            t_ptr, w_ptr, batch, steps, n, strides, code, mean,
-                                            torch.get_num_threads())
-    else:
-        module.velocity_energy_backward_cuda(gp_ptr, gt_ptr, grad.data_ptr(), grad.stride(0), grad.stride(1),
-                                             _CUDA_BACKWARD_CHUNK, p_ptr, t_ptr, w_ptr, batch, steps, n, strides,
-                                             code, mean, _cuda_stream(pred.device))
+    launch(grad_pred.data_ptr() if need_pred else 0, grad_target.data_ptr() if need_target else 0, grad.data_ptr(),
+           grad.stride(0), grad.stride(1), p_ptr, t_ptr, w_ptr, batch, steps, n, strides, DTYPE_CODES[pred.dtype],
+           mean)
     return grad_pred, grad_target
 
 
-def _device_guard(device: torch.device):
-    """Make the inputs' GPU current (kernels launch on the current device, with its current stream)."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+def cpu_backward(grad, pred, target, weight, mean: bool, need_pred: bool, need_target: bool):
+    module, _ = native_extension()
+    return _native_backward(grad, pred, target, weight, mean, need_pred, need_target,
+                            lambda *args: module.velocity_energy_backward_cpu(*args, torch.get_num_threads()))
+
+
+def cuda_backward(grad, pred, target, weight, mean: bool, need_pred: bool, need_target: bool):
+    module, _ = native_extension()
+
+    def launch(gp_ptr, gt_ptr, g_ptr, g_sb, g_st, *args):
+        module.velocity_energy_backward_cuda(gp_ptr, gt_ptr, g_ptr, g_sb, g_st, _CUDA_BACKWARD_CHUNK, *args,
+                                             cuda_stream(pred.device))
+
+    return _native_backward(grad, pred, target, weight, mean, need_pred, need_target, launch)
+
+
+def torch_forward(pred, target, weight, mean: bool) -> torch.Tensor:
+    """The torch backend: the reference itself, differentiated by autograd."""
+    return reference.velocity_energy(pred, target, weight, "mean" if mean else "sum")
 
 
 def _forward(pred, target, weight, mean: bool, backend: str) -> torch.Tensor:
     pred, target = _rows(pred), _rows(target)
-    with _device_guard(pred.device):
-        if backend == "triton":
-            from ..triton.velocity_energy import velocity_energy_forward
-            return velocity_energy_forward(pred, target, weight, mean)
-        return _native_forward(pred, target, weight, mean, backend)
+    with launch_device(pred.device):
+        return launcher(_OP, backend, "forward")(pred, target, weight, mean)
 
 
 def _backward(grad, pred, target, weight, mean: bool, backend: str, need_pred: bool, need_target: bool):
     pred, target = _rows(pred), _rows(target)
-    grad = grad.to(_energy_dtype(pred.dtype))
-    with _device_guard(pred.device):
-        if backend == "triton":
-            from ..triton.velocity_energy import velocity_energy_backward
-            return velocity_energy_backward(grad, pred, target, weight, mean, need_pred, need_target)
-        return _native_backward(grad, pred, target, weight, mean, backend, need_pred, need_target)
+    grad = grad.to(accumulation_dtype(pred.dtype))
+    with launch_device(pred.device):
+        return launcher(_OP, backend, "backward")(grad, pred, target, weight, mean, need_pred, need_target)
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("kvpo::velocity_energy", mutates_args=())
+@torch.library.custom_op("kvpo::velocity_energy_fwd", mutates_args=())
 def _velocity_energy_op(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], mean: bool,
                         backend: str) -> torch.Tensor:
     """E ``[B, T]`` with an already chosen kernel backend (``cuda``, ``triton`` or ``cpu``); weight in E's dtype."""
@@ -233,10 +215,10 @@ def _velocity_energy_op(pred: torch.Tensor, target: torch.Tensor, weight: Option
 
 @_velocity_energy_op.register_fake
 def _velocity_energy_fake(pred, target, weight, mean, backend):
-    return pred.new_empty(pred.shape[:2], dtype=_energy_dtype(pred.dtype))
+    return pred.new_empty(pred.shape[:2], dtype=accumulation_dtype(pred.dtype))
 
 
-@torch.library.custom_op("kvpo::velocity_energy_backward", mutates_args=())
+@torch.library.custom_op("kvpo::velocity_energy_bwd", mutates_args=())
 def _velocity_energy_backward_op(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
                                  weight: Optional[torch.Tensor], mean: bool, backend: str, need_pred: bool,
                                  need_target: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +268,8 @@ class _VelocityEnergyFunction(torch.autograd.Function):
 
     ``torch.library.custom_op`` adds ~20 us per call (~50 us with autograd) on a CPU core, as much as the whole
     forward of the smallest ANCHORS size on a GPU; eager calls therefore use this Function, and code traced by
-    torch.compile uses the custom op (whose fake implementation and autograd registration make it traceable)."""
+    torch.compile uses the custom op (whose fake implementation and autograd registration make it traceable).
+    routed_attention follows the same rule (measured there too: the custom op costs ~2x the Function)."""
 
     @staticmethod
     def forward(ctx, pred, target, weight, mean, backend):
@@ -321,10 +304,10 @@ def velocity_energy(pred: torch.Tensor, target: torch.Tensor, weight: Optional[t
     """
     _validate(pred, target, weight, reduction)
     chosen = _choose_backend(check_backend_name(backend), pred.device, pred.dtype)
-    if chosen == "torch":
-        return reference.velocity_energy(pred, target, weight, reduction)
+    if _TABLE[chosen].backward is None:  # differentiated by autograd
+        return launcher(_OP, chosen, "forward")(pred, target, weight, reduction == "mean")
     if weight is not None:
-        weight = weight.to(_energy_dtype(pred.dtype))
+        weight = weight.to(accumulation_dtype(pred.dtype))
     if torch.compiler.is_compiling():
         return _velocity_energy_op(pred, target, weight, reduction == "mean", chosen)
     return _VelocityEnergyFunction.apply(pred, target, weight, reduction == "mean", chosen)

@@ -13,16 +13,20 @@ new tokens. Query head h reads kv head ``h // GROUP``. Because there is no mask 
 block's key tiles are independent of where the block sits in the table: only the tail tile of each block (and of
 the new chunk) is masked, and the backward of a pool block does not need the table position of its readers.
 
+The forward and dQ kernels walk ``count + HAS_NEW`` spans in ONE loop: span i < count is pool block
+``table[b, i]``, span count is the new chunk; each span picks its base pointer, row stride and length. A second
+pipelined loop for the chunk after the pool loop made ptxas serialize every wgmma of the kernel on sm_90 (warning
+C7515); one loop keeps them asynchronous (tests/test_routed_attention.py compiles every config for sm_90).
+
 Numerics: scores, the online softmax, every accumulator and lse are fp32; the softmax runs in base 2 with the scale
 folded into ``qk_scale = softmax_scale * log2(e)``. fp32 inputs use IEEE dots (no TF32), so the fp32 path matches
 the reference to ~1e-6. Probabilities are rounded to the input dtype before the P @ V and dS @ K dots, as in
-FlashAttention-2.
+FlashAttention-2. A -inf key scores -inf; a row whose keys all score -inf gets out = 0 / lse = -inf like an empty
+row would (the float64 reference gives NaN there).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
 import os
 from typing import Optional, Tuple
 
@@ -31,8 +35,9 @@ import triton
 import triton.language as tl
 
 from .._backends import triton_interpreting
+from .._device import LOG2E, launch_device
 
-_LOG2E = math.log2(math.e)
+_LOG2E = tl.constexpr(LOG2E)
 
 
 def _configs(entries):
@@ -83,7 +88,7 @@ def _fitting_configs(resident: str):
     streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
-        q = named_args["Q"]
+        q = named_args["Q_ptr"]
         block_d = max(triton.next_power_of_2(kwargs["HEAD_DIM"]), 16)
         budget = _shared_memory_budget(q.device.index if q.device.index is not None else 0)
 
@@ -95,6 +100,12 @@ def _fitting_configs(resident: str):
         return fitting[:_MAX_TIMED] if _AUTOTUNE else fitting[:1]
 
     return {"early_config_prune": prune}
+
+
+@triton.jit
+def _tile_ptrs(base_ptr, rows, row_stride, offs_d, d_stride):
+    """Pointers of a [rows, BLOCK_D] tile: ``base + rows * row_stride + d * d_stride``."""
+    return base_ptr + rows[:, None] * row_stride + offs_d[None, :] * d_stride
 
 
 @triton.jit
@@ -113,6 +124,36 @@ def _load_tile(ptrs, rows_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexp
     return x
 
 
+@triton.jit
+def _span(i, count, b, hk, offs_n, offs_d, Kc_ptr, Vc_ptr, Kn_ptr, Vn_ptr, Table_ptr, stride_tb, stride_ti,
+          stride_kcn, stride_kcs, stride_kch, stride_kcd, stride_vcn, stride_vcs, stride_vch, stride_vcd,
+          stride_knb, stride_knm, stride_knh, stride_knd, stride_vnb, stride_vnm, stride_vnh, stride_vnd,
+          S, Ln, HAS_NEW: tl.constexpr):
+    """Span i of sequence b's key list: (first K tile pointers, first V tile pointers, K row stride, V row stride,
+    length). Spans below ``count`` are pool blocks ``table[b, i]``; span ``count`` (with HAS_NEW) is the chunk."""
+    if HAS_NEW:
+        in_pool = i < count
+        # int64: block id * block stride passes 2^31 elements for pools of a few GB. Span count reads no table entry.
+        blk = tl.load(Table_ptr + b * stride_tb + i * stride_ti, mask=in_pool, other=0).to(tl.int64)
+        k_base = tl.where(in_pool, Kc_ptr + blk * stride_kcn + hk * stride_kch,
+                          Kn_ptr + b * stride_knb + hk * stride_knh)
+        v_base = tl.where(in_pool, Vc_ptr + blk * stride_vcn + hk * stride_vch,
+                          Vn_ptr + b * stride_vnb + hk * stride_vnh)
+        k_rows = tl.where(in_pool, stride_kcs, stride_knm)
+        v_rows = tl.where(in_pool, stride_vcs, stride_vnm)
+        k_ptrs = _tile_ptrs(k_base, offs_n, k_rows, offs_d, tl.where(in_pool, stride_kcd, stride_knd))
+        v_ptrs = _tile_ptrs(v_base, offs_n, v_rows, offs_d, tl.where(in_pool, stride_vcd, stride_vnd))
+        length = tl.where(in_pool, S, Ln)
+    else:
+        blk = tl.load(Table_ptr + b * stride_tb + i * stride_ti).to(tl.int64)
+        k_rows = stride_kcs
+        v_rows = stride_vcs
+        k_ptrs = _tile_ptrs(Kc_ptr + blk * stride_kcn + hk * stride_kch, offs_n, k_rows, offs_d, stride_kcd)
+        v_ptrs = _tile_ptrs(Vc_ptr + blk * stride_vcn + hk * stride_vch, offs_n, v_rows, offs_d, stride_vcd)
+        length = S
+    return k_ptrs, v_ptrs, k_rows, v_rows, length
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,10 +167,12 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_valid, offs_n, d_ok, qk_scale,
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    # Every tile holds at least one real key, so m_new is finite and alpha = exp2(-inf) = 0 on the first tile.
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    # A row whose keys so far all scored -inf (a -inf key, or a masked tile) keeps m = -inf: subtracting it would
+    # give exp2(-inf + inf) = NaN. Subtract 0 there instead: p = exp2(-inf) = 0 and alpha = exp2(m_i) = 0.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
@@ -155,7 +198,7 @@ def _fwd_span(acc, m_i, l_i, q, k_ptrs, v_ptrs, length, k_step, v_step, offs_n, 
                  prune_configs_by=_fitting_configs("BLOCK_M"), do_bench=_DO_BENCH)
 @triton.jit
 def _routed_attention_fwd_kernel(
-    Out, Lse, Q, Kc, Vc, Kn, Vn, Table, Counts,
+    Out_ptr, Lse_ptr, Q_ptr, Kc_ptr, Vc_ptr, Kn_ptr, Vn_ptr, Table_ptr, Counts_ptr,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -184,33 +227,32 @@ def _routed_attention_fwd_kernel(
     m_ok = offs_m < Lq
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = _load_tile(q_ptrs, m_ok, d_ok, True, EVEN_D)
+    q = _load_tile(_tile_ptrs(Q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd),
+                   m_ok, d_ok, True, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    count = tl.load(Counts + b)
-    for i in range(0, count):
-        # int64: block id * block stride passes 2^31 elements for pools of a few GB.
-        blk = tl.load(Table + b * stride_tb + i * stride_ti).to(tl.int64)
-        k_ptrs = Kc + blk * stride_kcn + hk * stride_kch + offs_n[:, None] * stride_kcs + offs_d[None, :] * stride_kcd
-        v_ptrs = Vc + blk * stride_vcn + hk * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :] * stride_vcd
-        acc, m_i, l_i = _fwd_span(acc, m_i, l_i, q, k_ptrs, v_ptrs, S, BLOCK_N * stride_kcs, BLOCK_N * stride_vcs,
-                                  offs_n, d_ok, qk_scale, BLOCK_N, EVEN_D, PRECISION)
+    count = tl.load(Counts_ptr + b)
+    num_spans = count
     if HAS_NEW:
-        k_ptrs = Kn + b * stride_knb + hk * stride_knh + offs_n[:, None] * stride_knm + offs_d[None, :] * stride_knd
-        v_ptrs = Vn + b * stride_vnb + hk * stride_vnh + offs_n[:, None] * stride_vnm + offs_d[None, :] * stride_vnd
-        acc, m_i, l_i = _fwd_span(acc, m_i, l_i, q, k_ptrs, v_ptrs, Ln, BLOCK_N * stride_knm, BLOCK_N * stride_vnm,
+        num_spans += 1
+    for i in range(0, num_spans):
+        k_ptrs, v_ptrs, k_rows, v_rows, length = _span(
+            i, count, b, hk, offs_n, offs_d, Kc_ptr, Vc_ptr, Kn_ptr, Vn_ptr, Table_ptr, stride_tb, stride_ti,
+            stride_kcn, stride_kcs, stride_kch, stride_kcd, stride_vcn, stride_vcs, stride_vch, stride_vcd,
+            stride_knb, stride_knm, stride_knh, stride_knd, stride_vnb, stride_vnm, stride_vnh, stride_vnd,
+            S, Ln, HAS_NEW)
+        acc, m_i, l_i = _fwd_span(acc, m_i, l_i, q, k_ptrs, v_ptrs, length, BLOCK_N * k_rows, BLOCK_N * v_rows,
                                   offs_n, d_ok, qk_scale, BLOCK_N, EVEN_D, PRECISION)
 
     # A sequence with no keys has l_i = 0 and m_i = -inf: write 0 and -inf instead of 0/0.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
+    o_ptrs = _tile_ptrs(Out_ptr + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, 1)
+    tl.store(o_ptrs, out.to(Out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse_ptr + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,7 +260,7 @@ def _routed_attention_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _delta_kernel(
-    Delta, DO, O, DLse,
+    Delta_ptr, DO_ptr, O_ptr, DLse_ptr,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
@@ -237,14 +279,15 @@ def _delta_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(_tile_ptrs(DO_ptr + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, stride_dod),
                  mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    o = tl.load(_tile_ptrs(O_ptr + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, 1),
                 mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(do * o, 1)
     if HAS_DLSE:
-        delta -= tl.load(DLse + b * stride_glb + h * stride_glh + offs_m * stride_glm, mask=offs_m < Lq, other=0.0)
-    tl.store(Delta + b * stride_lb + h * stride_lh + offs_m, delta, mask=offs_m < Lq)
+        delta -= tl.load(DLse_ptr + b * stride_glb + h * stride_glh + offs_m * stride_glm, mask=offs_m < Lq,
+                         other=0.0)
+    tl.store(Delta_ptr + b * stride_lb + h * stride_lh + offs_m, delta, mask=offs_m < Lq)
 
 
 @triton.jit
@@ -257,6 +300,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_valid, offs_n, d_ok, qk_s
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     if MASK_N:
+        # The zero-loaded tail keys score 0: for a row whose real scores are all below ~-88 (fp32 exp overflow;
+        # ~-11 once P is rounded to fp16) exp2(0 - lse2) is inf, and inf * 0 (their zero K rows) is NaN.
         p = tl.where(n_ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -282,7 +327,7 @@ def _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, length, k_step, v_step, off
                  prune_configs_by=_fitting_configs("BLOCK_M"), do_bench=_DO_BENCH)
 @triton.jit
 def _routed_attention_dq_kernel(
-    DQ, Q, DO, Lse, Delta, Kc, Vc, Kn, Vn, Table, Counts,
+    DQ_ptr, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, Kc_ptr, Vc_ptr, Kn_ptr, Vn_ptr, Table_ptr, Counts_ptr,
     stride_dqb, stride_dqm, stride_dqh,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_dob, stride_dom, stride_doh, stride_dod,
@@ -296,7 +341,7 @@ def _routed_attention_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NEW: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dq[b, m, h] = scale * sum_k P[m, k] (dP[m, k] - delta[m]) K_b[k]; the same walk as the forward."""
+    """dq[b, m, h] = scale * sum_k P[m, k] (dP[m, k] - delta[m]) K_b[k]; the same one-loop walk as the forward."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # int64 like b: a head-major view's head stride spans a whole plane
     b = tl.program_id(2).to(tl.int64)
@@ -308,34 +353,34 @@ def _routed_attention_dq_kernel(
     m_ok = offs_m < Lq
     d_ok = offs_d < HEAD_DIM
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = _load_tile(_tile_ptrs(Q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd),
                    m_ok, d_ok, True, EVEN_D)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = _load_tile(_tile_ptrs(DO_ptr + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, stride_dod),
                     m_ok, d_ok, True, EVEN_D)
     # Padding rows get lse = +inf, hence P = 0 and no contribution.
-    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.load(Lse_ptr + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta_ptr + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    count = tl.load(Counts + b)
-    for i in range(0, count):
-        blk = tl.load(Table + b * stride_tb + i * stride_ti).to(tl.int64)
-        k_ptrs = Kc + blk * stride_kcn + hk * stride_kch + offs_n[:, None] * stride_kcs + offs_d[None, :] * stride_kcd
-        v_ptrs = Vc + blk * stride_vcn + hk * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :] * stride_vcd
-        dq = _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, S, BLOCK_N * stride_kcs, BLOCK_N * stride_vcs,
-                      offs_n, d_ok, qk_scale, BLOCK_N, EVEN_D, PRECISION)
+    count = tl.load(Counts_ptr + b)
+    num_spans = count
     if HAS_NEW:
-        k_ptrs = Kn + b * stride_knb + hk * stride_knh + offs_n[:, None] * stride_knm + offs_d[None, :] * stride_knd
-        v_ptrs = Vn + b * stride_vnb + hk * stride_vnh + offs_n[:, None] * stride_vnm + offs_d[None, :] * stride_vnd
-        dq = _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Ln, BLOCK_N * stride_knm, BLOCK_N * stride_vnm,
+        num_spans += 1
+    for i in range(0, num_spans):
+        k_ptrs, v_ptrs, k_rows, v_rows, length = _span(
+            i, count, b, hk, offs_n, offs_d, Kc_ptr, Vc_ptr, Kn_ptr, Vn_ptr, Table_ptr, stride_tb, stride_ti,
+            stride_kcn, stride_kcs, stride_kch, stride_kcd, stride_vcn, stride_vcs, stride_vch, stride_vcd,
+            stride_knb, stride_knm, stride_knh, stride_knd, stride_vnb, stride_vnm, stride_vnh, stride_vnd,
+            S, Ln, HAS_NEW)
+        dq = _dq_span(dq, q, do, lse2, delta, k_ptrs, v_ptrs, length, BLOCK_N * k_rows, BLOCK_N * v_rows,
                       offs_n, d_ok, qk_scale, BLOCK_N, EVEN_D, PRECISION)
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    dq_ptrs = _tile_ptrs(DQ_ptr + b * stride_dqb + h * stride_dqh, offs_m, stride_dqm, offs_d, 1)
+    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
+def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr,
                         stride_qb, stride_qm, stride_qh, stride_qd,
                         stride_dob, stride_dom, stride_doh, stride_dod,
                         stride_lb, stride_lh,
@@ -347,21 +392,23 @@ def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
     """
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = Q_ptr + b * stride_qb + h * stride_qh
+        do_base = DO_ptr + b * stride_dob + h * stride_doh
         row_base = b * stride_lb + h * stride_lh
         # Pointers are rebuilt from scalar bases each step: loop-carried [BLOCK_M, BLOCK_D] pointer tensors would
         # hold 64-bit registers per element next to the resident k, v, dk, dv tiles and spill.
         for start_m in range(0, Lq, BLOCK_M):
             rows = start_m + offs_m
             m_ok = rows < Lq
-            q = _load_tile(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, m_ok, d_ok, True, EVEN_D)
-            do = _load_tile(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, m_ok, d_ok, True,
-                            EVEN_D)
-            lse2 = tl.load(Lse + row_base + rows, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
+            q = _load_tile(_tile_ptrs(q_base, rows, stride_qm, offs_d, stride_qd), m_ok, d_ok, True, EVEN_D)
+            do = _load_tile(_tile_ptrs(do_base, rows, stride_dom, offs_d, stride_dod), m_ok, d_ok, True, EVEN_D)
+            lse2 = tl.load(Lse_ptr + row_base + rows, mask=m_ok, other=float("inf")) * _LOG2E
+            delta = tl.load(Delta_ptr + row_base + rows, mask=m_ok, other=0.0)
             # Transposed scores [BLOCK_N, BLOCK_M]: the key tile stays in registers, queries stream.
             p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+            # Padding query rows are zero: a -inf key scores 0 * -inf = NaN against them, and P^T dO would carry
+            # that NaN (times their zero dO) into every key's dV. Their lse = +inf alone does not cover it.
+            p_t = tl.where(m_ok[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -373,7 +420,7 @@ def _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
                  prune_configs_by=_fitting_configs("BLOCK_N"), do_bench=_DO_BENCH)
 @triton.jit
 def _routed_attention_dkdv_pool_kernel(
-    DKc, DVc, Q, DO, Lse, Delta, Kc, Vc, Readers, ReaderPtr, BlockOrder,
+    DKc_ptr, DVc_ptr, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, Kc_ptr, Vc_ptr, Readers_ptr, ReaderPtr_ptr, BlockOrder_ptr,
     stride_dkn, stride_dks, stride_dkh,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_dob, stride_dom, stride_doh, stride_dod,
@@ -393,39 +440,39 @@ def _routed_attention_dkdv_pool_kernel(
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    blk = tl.load(BlockOrder + tl.program_id(2)).to(tl.int64)
+    blk = tl.load(BlockOrder_ptr + tl.program_id(2)).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < S
     d_ok = offs_d < HEAD_DIM
-    k_ptrs = Kc + blk * stride_kcn + hk * stride_kch + offs_n[:, None] * stride_kcs + offs_d[None, :] * stride_kcd
-    v_ptrs = Vc + blk * stride_vcn + hk * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :] * stride_vcd
-    k = _load_tile(k_ptrs, n_ok, d_ok, True, EVEN_D)
-    v = _load_tile(v_ptrs, n_ok, d_ok, True, EVEN_D)
+    k = _load_tile(_tile_ptrs(Kc_ptr + blk * stride_kcn + hk * stride_kch, offs_n, stride_kcs, offs_d, stride_kcd),
+                   n_ok, d_ok, True, EVEN_D)
+    v = _load_tile(_tile_ptrs(Vc_ptr + blk * stride_vcn + hk * stride_vch, offs_n, stride_vcs, offs_d, stride_vcd),
+                   n_ok, d_ok, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo = tl.load(ReaderPtr + blk)
-    hi = tl.load(ReaderPtr + blk + 1)
+    lo = tl.load(ReaderPtr_ptr + blk)
+    hi = tl.load(ReaderPtr_ptr + blk + 1)
     for e in range(lo, hi):
-        b = tl.load(Readers + e).to(tl.int64)
-        dk, dv = _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
+        b = tl.load(Readers_ptr + e).to(tl.int64)
+        dk, dv = _dkdv_from_sequence(dk, dv, k, v, b, hk, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr,
                                      stride_qb, stride_qm, stride_qh, stride_qd,
                                      stride_dob, stride_dom, stride_doh, stride_dod,
                                      stride_lb, stride_lh, Lq, GROUP, qk_scale, offs_m, offs_d, d_ok,
                                      BLOCK_M, EVEN_D, PRECISION)
     mask = n_ok[:, None] & d_ok[None, :]
-    out_offs = blk * stride_dkn + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
-    tl.store(DKc + out_offs, (dk * softmax_scale).to(DKc.dtype.element_ty), mask=mask)
-    tl.store(DVc + out_offs, dv.to(DVc.dtype.element_ty), mask=mask)
+    out_ptrs = _tile_ptrs(blk * stride_dkn + hk * stride_dkh, offs_n, stride_dks, offs_d, 1)
+    tl.store(DKc_ptr + out_ptrs, (dk * softmax_scale).to(DKc_ptr.dtype.element_ty), mask=mask)
+    tl.store(DVc_ptr + out_ptrs, dv.to(DVc_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP"],
                  prune_configs_by=_fitting_configs("BLOCK_N"), do_bench=_DO_BENCH)
 @triton.jit
 def _routed_attention_dkdv_new_kernel(
-    DKn, DVn, Q, DO, Lse, Delta, Kn, Vn,
+    DKn_ptr, DVn_ptr, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr, Kn_ptr, Vn_ptr,
     stride_dkb, stride_dkm, stride_dkh,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_dob, stride_dom, stride_doh, stride_dod,
@@ -446,21 +493,21 @@ def _routed_attention_dkdv_new_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < Ln
     d_ok = offs_d < HEAD_DIM
-    k = _load_tile(Kn + b * stride_knb + hk * stride_knh + offs_n[:, None] * stride_knm + offs_d[None, :] * stride_knd,
+    k = _load_tile(_tile_ptrs(Kn_ptr + b * stride_knb + hk * stride_knh, offs_n, stride_knm, offs_d, stride_knd),
                    n_ok, d_ok, True, EVEN_D)
-    v = _load_tile(Vn + b * stride_vnb + hk * stride_vnh + offs_n[:, None] * stride_vnm + offs_d[None, :] * stride_vnd,
+    v = _load_tile(_tile_ptrs(Vn_ptr + b * stride_vnb + hk * stride_vnh, offs_n, stride_vnm, offs_d, stride_vnd),
                    n_ok, d_ok, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk, dv = _dkdv_from_sequence(dk, dv, k, v, b, hk, Q, DO, Lse, Delta,
+    dk, dv = _dkdv_from_sequence(dk, dv, k, v, b, hk, Q_ptr, DO_ptr, Lse_ptr, Delta_ptr,
                                  stride_qb, stride_qm, stride_qh, stride_qd,
                                  stride_dob, stride_dom, stride_doh, stride_dod,
                                  stride_lb, stride_lh, Lq, GROUP, qk_scale, offs_m, offs_d, d_ok,
                                  BLOCK_M, EVEN_D, PRECISION)
     mask = n_ok[:, None] & d_ok[None, :]
-    out_offs = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkm + offs_d[None, :]
-    tl.store(DKn + out_offs, (dk * softmax_scale).to(DKn.dtype.element_ty), mask=mask)
-    tl.store(DVn + out_offs, dv.to(DVn.dtype.element_ty), mask=mask)
+    out_ptrs = _tile_ptrs(b * stride_dkb + hk * stride_dkh, offs_n, stride_dkm, offs_d, 1)
+    tl.store(DKn_ptr + out_ptrs, (dk * softmax_scale).to(DKn_ptr.dtype.element_ty), mask=mask)
+    tl.store(DVn_ptr + out_ptrs, dv.to(DVn_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,12 +522,6 @@ def _precision(dtype: torch.dtype) -> str:
 # launched in chunks of at most this many (a multiple of 4 keeps each chunk's int32 block_order slice 16-byte aligned).
 _MAX_GRID_YZ = 65535
 _BLOCK_CHUNK = 65532
-
-
-def _launch_context(device: torch.device):
-    """Triton launches on the *current* CUDA device and its current stream, whatever device the pointers live on:
-    make the inputs' device current so that tensors on cuda:1 are not run by a launch on cuda:0."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_grid(batch: int, q_heads: int) -> None:
@@ -513,14 +554,14 @@ def routed_attention_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     kn, vn = (k_new, v_new) if new_len > 0 else (k_cache, v_cache)  # placeholders, never read without HAS_NEW
     kn_strides, vn_strides = _new_strides(k_new, v_new)
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
-    with _launch_context(q.device):
+    with launch_device(q.device):
         _routed_attention_fwd_kernel[grid](
             out, lse, q, k_cache, v_cache, kn, vn, block_table, block_counts,
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn_strides, *vn_strides,
             block_table.stride(0), block_table.stride(1),
-            q_len, new_len, block_size, q_heads // kv_heads, softmax_scale * _LOG2E,
+            q_len, new_len, block_size, q_heads // kv_heads, softmax_scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), HAS_NEW=new_len > 0,
             PRECISION=_precision(q.dtype),
         )
@@ -569,7 +610,7 @@ def routed_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], 
 
     _check_grid(q.shape[0], q.shape[2])
     block_counts = block_counts.contiguous()  # the kernels read Counts[b] with unit stride
-    with _launch_context(q.device):
+    with launch_device(q.device):
         _launch_backward(dout, dlse, q, k_cache, v_cache, block_table, block_counts, k_new, v_new, out, lse,
                          softmax_scale, dq, dk_cache, dv_cache, dk_new, dv_new)
     return dq, dk_cache, dv_cache, dk_new, dv_new
@@ -583,7 +624,7 @@ def _launch_backward(dout, dlse, q, k_cache, v_cache, block_table, block_counts,
     group = q_heads // kv_heads
     block_d = max(triton.next_power_of_2(head_dim), 16)
     precision = _precision(q.dtype)
-    qk_scale = softmax_scale * _LOG2E
+    qk_scale = softmax_scale * LOG2E
     delta = torch.empty_like(lse)
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     _delta_kernel[(triton.cdiv(q_len, 64), q_heads, batch)](

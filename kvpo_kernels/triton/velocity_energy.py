@@ -20,7 +20,10 @@ import triton
 import triton.language as tl
 
 from .._backends import triton_interpreting
+from .._device import sm_count
 
+# Elements one program streams per loop step (and per backward program). A row longer than this is split over
+# several programs whose partials the combine kernel adds; the interpreter tests lower it to run that path on CPU.
 _MAX_BLOCK = 4096
 _MAX_SPLITS = 1024
 
@@ -141,7 +144,6 @@ def _weight_strides(weight: Optional[torch.Tensor]) -> Tuple[int, int]:
 def _target_programs(device: torch.device) -> int:
     """Programs to aim for in the forward: a few per SM on a GPU; a handful under the interpreter (tests the split)."""
     if device.type == "cuda":
-        from ..ops.velocity_energy import sm_count
         return 4 * sm_count(device)
     return 8
 
