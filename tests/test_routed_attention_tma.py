@@ -1,20 +1,21 @@
 """The tensor-descriptor (TMA) forward against the float64 reference, on the cases of the pointer forward.
 
 On CPU it runs under TRITON_INTERPRET=1 (conftest.py), which interprets ``tl.make_tensor_descriptor`` with its zero
-fill, in fp32 and fp16 (the interpreter's bf16 dot is wrong: the launcher refuses bf16 there). Its sm_90 build
-(UTMALDG, HGMMA, warp specialisation) is checked by test_sm90_gate.py.
+fill, in fp32 and fp16 (the interpreter's bf16 dot is wrong: the backend table refuses bf16 there). Its sm_90
+build (UTMALDG, HGMMA, warp specialisation) is checked by test_sm90_gate.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvpo_kernels import reference
-from kvpo_kernels._backends import triton_interpreting
+import kvpo_kernels.triton.routed_attention_tma as tma_module
+from kvpo_kernels import reference, routed_attention
 from kvpo_kernels.triton.routed_attention_tma import routed_attention_forward_tma
 
 from _assertions import assert_close_to_truth
-from test_routed_attention import CASES, DEVICE, SHARED, Case, make_inputs, poison_outputs  # noqa: F401
+from test_routed_attention import (BACKENDS, CASES, DEVICE, SHARED, Case, check_against_reference,  # noqa: F401
+                                   make_inputs, poison_outputs)
 
 TMA_CASES = CASES + [SHARED]
 
@@ -91,8 +92,33 @@ def test_tma_refuses_what_descriptors_cannot_describe():
                      block_counts=torch.tensor([2], dtype=torch.int32, device=DEVICE)))
 
 
-@pytest.mark.skipif(not triton_interpreting(), reason="only the interpreter's bf16 dot is wrong")
-def test_tma_refuses_bf16_under_the_interpreter():
-    inputs = make_inputs(Case("S4-D8", 4, 2, 3, 2, 1, 8, [[0, 1]], None), torch.bfloat16)
-    with pytest.raises(TypeError, match="bfloat16 is not supported under TRITON_INTERPRET"):
-        forward(inputs)
+@pytest.fixture
+def tma_forward(monkeypatch):
+    """Select the TMA forward for the public op (KVPO_TRITON_FORWARD=tma) and count its launcher's calls."""
+    if "triton" not in BACKENDS:
+        pytest.skip("the triton backend does not run here")
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return routed_attention_forward_tma(*args)
+
+    monkeypatch.setenv("KVPO_TRITON_FORWARD", "tma")
+    monkeypatch.setattr(tma_module, "routed_attention_forward_tma", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_public_op_on_the_tma_forward_matches_reference_with_gradients(dtype, tma_forward, poison_outputs):
+    """Through ``routed_attention(backend="triton")``: the TMA forward's out and lse feed the backward kernels."""
+    check_against_reference(SHARED, dtype, "triton")
+    assert len(tma_forward) == 1
+
+
+def test_public_op_on_the_tma_forward_refuses_bf16_under_the_interpreter(tma_forward):
+    if DEVICE != "cpu":
+        pytest.skip("only the interpreter's bf16 dot is wrong")
+    inputs = make_inputs(SHARED, torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16"):
+        routed_attention(**inputs, backend="triton")
+    assert not tma_forward

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from .._backends import triton_interpreting
-from .routed_attention import _DO_BENCH, _LOG2E, _check_grid, _launch_context, _precision, _shared_memory_budget
+from .._device import LOG2E, launch_device
+from .routed_attention import _DO_BENCH, _check_grid, _precision, _shared_memory_budget
 
 # Warp specialisation on Hopper applies to 4-warp programs only (one consumer warpgroup next to the producer).
 if triton_interpreting():
@@ -190,9 +191,6 @@ def _check_descriptor_layout(name: str, tensor: torch.Tensor) -> None:
 
 
 def _check_inputs(q, k_cache, v_cache, block_table, k_new, v_new) -> None:
-    if triton_interpreting() and q.dtype == torch.bfloat16:
-        raise TypeError("routed_attention (triton tma): bfloat16 is not supported under TRITON_INTERPRET=1 (the "
-                        "interpreter's bf16 dot is wrong); use float16 or float32 there")
     if block_table.shape[1] > _MAX_TABLE:
         raise ValueError(f"routed_attention (triton tma): block_table width M ({block_table.shape[1]}) must be <= "
                          f"{_MAX_TABLE} (the table row is held in registers)")
@@ -212,7 +210,7 @@ def _launch(out, lse, init, q, keys, values, table, counts, softmax_scale, resum
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         q.stride(0), q.stride(1), q.stride(2), *keys.stride()[:3], *values.stride()[:3],
         table.stride(0), table.stride(1),
-        q_len, num_blocks, block_size, table.shape[1], q_heads // kv_heads, softmax_scale * _LOG2E,
+        q_len, num_blocks, block_size, table.shape[1], q_heads // kv_heads, softmax_scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
         TABLE_WIDTH=triton.next_power_of_2(max(table.shape[1], 1)), RESUME=resume, PRECISION=_precision(q.dtype),
     )
@@ -236,7 +234,7 @@ def routed_attention_forward_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     block_counts = block_counts.contiguous()
     # With a new chunk, pass 1 keeps its output in fp32 for pass 2 to resume from.
     first = torch.empty(out.shape, dtype=torch.float32, device=q.device) if has_new else out
-    with _launch_context(q.device):
+    with launch_device(q.device):
         if q.is_cuda:
             _install_allocator()
         _launch(first, lse, first, q, k_cache, v_cache, block_table, block_counts, softmax_scale, resume=False)
