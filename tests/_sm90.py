@@ -77,7 +77,7 @@ def run_compile_script(script: str):
 # ----------------------------------------------------------------------------------------------------------------
 # The sm_90 gate: every kernel config the autotuner may pick, compiled as a launch would specialise it
 # ----------------------------------------------------------------------------------------------------------------
-# Pointer arguments (``X_ptr`` or, in older kernels, a bare capitalised name) not in the inputs' dtype.
+# Pointer arguments (``X_ptr``, keyed by X) not in the inputs' dtype.
 _POINTER_DTYPES = {"Lse": "fp32", "Delta": "fp32", "DLse": "fp32", "Init": "fp32", "E": "fp32", "Partial": "fp32",
                    "W": "fp32", "G": "fp32", "Table": "i32", "Counts": "i32", "Readers": "i32", "ReaderPtr": "i32",
                    "BlockOrder": "i32"}
@@ -87,13 +87,8 @@ _FP32_SCALARS = {"qk_scale", "softmax_scale"}
 H100_SHARED_MEMORY = 232448  # bytes per block (opt-in) on H100 / H200
 
 
-# Pointer arguments of kernels that predate the ``*_ptr`` naming.
-_BARE_POINTERS = {"Out", "Lse", "Q", "Kc", "Vc", "Kn", "Vn", "Table", "Counts", "DQ", "DO", "O", "Delta", "DLse",
-                  "DKc", "DVc", "DKn", "DVn", "Readers", "ReaderPtr", "BlockOrder"}
-
-
 def _is_pointer(name: str) -> bool:
-    return name.endswith("_ptr") or name in _BARE_POINTERS
+    return name.endswith("_ptr")  # the naming rule of every kernel's pointer arguments
 
 
 def launch_signature(fn, dtype: str, constexprs: dict, pointer_dtypes: dict):
