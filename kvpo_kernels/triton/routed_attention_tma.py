@@ -35,7 +35,6 @@ fp16 / bf16 and of 4 for fp32 with packed heads); M <= 1024 (the table row lives
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -44,7 +43,8 @@ import triton.language as tl
 
 from .._backends import triton_interpreting
 from .._device import LOG2E, launch_device
-from .routed_attention import _DO_BENCH, _check_grid, _precision, _shared_memory_budget
+from .routed_attention import (_AUTOTUNE, _DO_BENCH, _LOG2E, _MAX_TIMED, _check_grid, _precision,
+                               _shared_memory_budget)
 
 # Warp specialisation on Hopper applies to 4-warp programs only (one consumer warpgroup next to the producer).
 if triton_interpreting():
@@ -56,16 +56,17 @@ _MAX_TABLE = 1024
 
 
 def _prune_tma_configs(configs, named_args, **kwargs):
-    """Drop configs whose q tile plus ``num_stages`` K/V tile pairs do not fit in shared memory; keep the first."""
+    """Drop configs whose q tile plus ``num_stages`` K/V tile pairs do not fit in shared memory; keep the first
+    ``_MAX_TIMED`` for the autotuner (the first alone with ``KVPO_TRITON_AUTOTUNE=0``), as the pointer kernels do."""
     q = named_args["Q_ptr"]
-    block_d = kwargs["BLOCK_D"]
+    row_bytes = kwargs["BLOCK_D"] * q.element_size()
     budget = _shared_memory_budget(q.device.index if q.device.index is not None else 0)
 
     def smem(config):
-        return (config.kwargs["BLOCK_M"] + 2 * config.num_stages * config.kwargs["BLOCK_N"]) * block_d * q.element_size()
+        return (config.kwargs["BLOCK_M"] + 2 * config.num_stages * config.kwargs["BLOCK_N"]) * row_bytes
 
     fitting = [config for config in configs if smem(config) <= budget] or configs[-1:]
-    return fitting[:1] if _DO_BENCH is not None else fitting[:3]
+    return fitting[:_MAX_TIMED] if _AUTOTUNE else fitting[:1]
 
 
 @triton.jit
@@ -120,10 +121,10 @@ def _routed_attention_fwd_tma_kernel(
 
     q_desc = tl.make_tensor_descriptor(Q_ptr + b * stride_qb + h * stride_qh, shape=[Lq, HEAD_DIM],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-    k_desc = tl.make_tensor_descriptor(K_ptr + hk * stride_kh, shape=[N, S, HEAD_DIM], strides=[stride_kn, stride_ks, 1],
-                                       block_shape=[1, BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V_ptr + hk * stride_vh, shape=[N, S, HEAD_DIM], strides=[stride_vn, stride_vs, 1],
-                                       block_shape=[1, BLOCK_N, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K_ptr + hk * stride_kh, shape=[N, S, HEAD_DIM],
+                                       strides=[stride_kn, stride_ks, 1], block_shape=[1, BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V_ptr + hk * stride_vh, shape=[N, S, HEAD_DIM],
+                                       strides=[stride_vn, stride_vs, 1], block_shape=[1, BLOCK_N, BLOCK_D])
     q = q_desc.load([pid_m * BLOCK_M, 0])
 
     row_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
@@ -132,7 +133,7 @@ def _routed_attention_fwd_tma_kernel(
         lse_init = tl.load(lse_ptrs, mask=m_ok, other=float("-inf"))
         # (m, l, acc) = (lse1 in base 2, 1, o1) is pass 1's final state. An empty pass-1 row (lse1 = -inf, o1 = 0)
         # needs no special case: the first finite score gives alpha = exp2(-inf) = 0, which drops that l = 1.
-        m_i = lse_init * 1.4426950408889634
+        m_i = lse_init * _LOG2E
         l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         acc = tl.load(Init_ptr + row_offs, mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     else:
@@ -154,7 +155,7 @@ def _routed_attention_fwd_tma_kernel(
     # A row with no keys has l_i = 0 and m_i = -inf: write 0 and -inf instead of 0/0.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
     tl.store(Out_ptr + row_offs, out.to(Out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(lse_ptrs, lse, mask=m_ok)
 
@@ -168,10 +169,10 @@ def _descriptor_scratch(size: int, alignment: int, stream: Optional[int]) -> tor
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-@functools.lru_cache(maxsize=None)
 def _install_allocator() -> None:
-    """Device-side descriptors need a Triton allocator. Install ours once, unless the caller installed their own
-    (Triton's default raises on use); the interpreter builds descriptors on the host and needs none."""
+    """Device-side descriptors need a Triton allocator. Install ours unless the caller installed their own
+    (Triton's default raises on use). Checked at every launch: the allocator is a context variable, and a new thread
+    starts from Triton's default again. The interpreter builds descriptors on the host and needs none."""
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
