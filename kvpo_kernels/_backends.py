@@ -179,11 +179,11 @@ def backends_for(op: str, device: torch.device, dtype: torch.dtype, head_dim: Op
     return [name for name in BACKENDS if why_not(op, name, device, dtype, head_dim) is None]
 
 
-def check_backend_name(backend: object) -> str:
+def check_backend_name(op: str, backend: object) -> str:
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     return backend
 
 
@@ -194,12 +194,12 @@ def select_backend(op: str, requested: str, device: torch.device, dtype: torch.d
     An automatic choice never takes Triton's interpreter for CPU tensors (a test path, slower than every other
     backend); asking for ``"triton"`` explicitly, by argument or ``KVPO_BACKEND``, still gets it.
     """
-    requested = check_backend_name(requested)
+    requested = check_backend_name(op, requested)
     if requested == "auto":
         override = os.environ.get("KVPO_BACKEND", "").strip()
         if override and override != "auto":
             if override not in BACKENDS:
-                raise ValueError(f"KVPO_BACKEND must be 'auto' or one of {BACKENDS}, got {override!r}")
+                raise ValueError(f"{op}: KVPO_BACKEND must be 'auto' or one of {BACKENDS}, got {override!r}")
             requested = override
     if requested != "auto":
         reason = why_not(op, requested, device, dtype, head_dim)

@@ -12,10 +12,7 @@ from typing import Optional
 
 import torch
 
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float64 stays float64 (the truth); every lower precision accumulates in float32, as the kernels do.
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._device import accumulation_dtype
 
 
 def velocity_energy(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -25,7 +22,7 @@ def velocity_energy(pred: torch.Tensor, target: torch.Tensor, weight: Optional[t
     pred, target: ``[B, T, *]`` (same shape, trailing dims flattened into j); weight: None, ``[T]`` or ``[B, T]``;
     reduce: mean or sum over j. Returns ``[B, T]`` in float32 (float64 for float64 inputs).
     """
-    acc = _accumulation_dtype(pred.dtype)
+    acc = accumulation_dtype(pred.dtype)
     batch, steps = pred.shape[:2]
     diff = pred.to(acc) - target.to(acc)
     # The row length is spelled out: reshape cannot infer a -1 from zero elements (B * T = 0).
@@ -53,8 +50,11 @@ def routed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _, block_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     max_blocks = block_table.shape[1]
+    if batch == 0:  # nothing to stack
+        out, lse = q.new_zeros(q.shape), q.new_zeros((0, q_heads, q_len), dtype=acc)
+        return (out, lse) if return_lse else out
     outs, lses = [], []
     for b in range(batch):
         count = max_blocks if block_counts is None else int(block_counts[b])

@@ -664,3 +664,47 @@ def test_triton_forward_selection(monkeypatch):
     monkeypatch.delitem(sys.modules, "kvpo_kernels.triton.routed_attention_tma")
     monkeypatch.setitem(sys.modules, "kvpo_kernels.triton.routed_attention_tma", None)  # import fails
     assert "cannot be imported" in op_module._triton_forward_requirement(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_on_tail_tiles_with_very_negative_scores(dtype):
+    """Every score of every row near -100 (below fp32's exp range, ~-88, and fp16's, ~-11 once P is rounded), on
+    blocks and a chunk shorter than one key tile: the zero-padded tail keys score 0, exp(0 - lse) overflows, and
+    only the tail masks keep inf * 0 = NaN out of dQ (and of dK/dV). Finite and matching the float64 truth."""
+    case = Case("negative", 5, 3, 7, 2, 1, 16, [[0, 2], [1, 1]], [2, 1], new_len=3)
+    inputs = make_inputs(case, dtype)
+    # q . k * scale = -(5 + noise)^2 * 16 / 4 ~ -100 for every (query, key) pair.
+    inputs["q"] = (5 + 0.1 * torch.rand(inputs["q"].shape, device=DEVICE)).to(dtype)
+    for name in ("k_cache", "k_new"):
+        inputs[name] = (-5 - 0.1 * torch.rand(inputs[name].shape, device=DEVICE)).to(dtype)
+    dout = torch.randn(2, case.q_len, case.q_heads, case.head_dim, device=DEVICE, dtype=torch.float64)
+    truth_out, truth_lse, truth_grads = run(reference.routed_attention, inputs, dout, None, torch.float64)
+    assert float(truth_lse.max()) < -90
+    baseline = {}
+    if dtype != torch.float32:  # plain PyTorch in this dtype: the error budget (x2), as check_against_reference
+        base_out, _, base_grads = run(reference.routed_attention, inputs, dout, None)
+        baseline = {"out": base_out, **base_grads}
+    out, lse, grads = run(routed_attention, inputs, dout, None, backend="triton")
+    assert_close_to_truth("out", out, truth_out, baseline.get("out"))
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        assert_close_to_truth(f"d{name}", grad, truth_grads[name], baseline.get(name))
+
+
+def test_torch_backward_does_no_work_for_gradients_nobody_needs(monkeypatch):
+    """Only q requires grad: the torch backend's backward must not build the pool's (or the chunk's) gradients."""
+    def no_pool_sum(*args, **kwargs):
+        raise AssertionError("the torch backward summed pool gradients nobody asked for")
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", no_pool_sum)
+    inputs = make_inputs(SHARED, torch.float32)
+    q = inputs["q"].requires_grad_()
+    routed_attention(**inputs, backend="torch").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    from kvpo_kernels.ops.routed_attention import torch_backward
+
+    out, lse = routed_attention(**inputs, return_lse=True, backend="torch")
+    grads = torch_backward(torch.ones_like(out), None, inputs["q"].detach(), inputs["k_cache"], inputs["v_cache"],
+                           inputs["block_table"], inputs["block_counts"], inputs["k_new"], inputs["v_new"],
+                           out.detach(), lse, 0.25, True, False, False)
+    assert grads[0] is not None and all(grad is None for grad in grads[1:])

@@ -510,3 +510,25 @@ def test_no_rows_on_every_backend(backend, shape):
     assert energy.shape == shape[:2]
     energy.sum().backward()
     assert pred.grad.shape == shape
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="the triton backend does not run CPU tensors here")
+@pytest.mark.parametrize("weight_kind,reduction", [("BT", "mean"), (None, "sum"), ("T", "mean")])
+def test_triton_split_rows_on_cpu(weight_kind, reduction, poisoned, monkeypatch):
+    """Rows split over several programs (partials added by the combine kernel) and several backward programs per
+    row: with 64-element blocks a 1000-element row is 16 blocks, split 4 ways for 2 rows (8 interpreter programs)."""
+    from kvpo_kernels.triton import velocity_energy as triton_velocity_energy
+
+    monkeypatch.setattr(triton_velocity_energy, "_MAX_BLOCK", 64)
+    combine = triton_velocity_energy._velocity_energy_combine_kernel
+    launches = []
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return combine[grid]
+
+    monkeypatch.setattr(triton_velocity_energy, "_velocity_energy_combine_kernel", CountingKernel())
+    pred, target = _randn((2, 1, 1000), torch.float32), _randn((2, 1, 1000), torch.float32)
+    check_against_reference("triton", pred, target, _weight(weight_kind, 2, 1), reduction, poisoned)
+    assert launches, "the combine kernel did not run: the rows were not split"

@@ -38,7 +38,7 @@ def triton_forward_variant() -> str:
     triton/routed_attention_tma.py (until a GPU benchmark decides which ``auto`` prefers)."""
     variant = os.environ.get("KVPO_TRITON_FORWARD", "blocktable").strip() or "blocktable"
     if variant not in _TRITON_FORWARDS:
-        raise ValueError(f"KVPO_TRITON_FORWARD must be one of {_TRITON_FORWARDS}, got {variant!r}")
+        raise ValueError(f"{_OP}: KVPO_TRITON_FORWARD must be one of {_TRITON_FORWARDS}, got {variant!r}")
     return variant
 
 
@@ -122,7 +122,7 @@ def routed_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: T
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     if block_counts is None:
         block_counts = torch.full((batch,), block_table.shape[1], dtype=torch.int32, device=block_table.device)
-    chosen = _choose_backend(check_backend_name(backend), q.device, q.dtype, head_dim)
+    chosen = _choose_backend(check_backend_name(_OP, backend), q.device, q.dtype, head_dim)
     args = (q, k_cache, v_cache, block_table, block_counts, k_new, v_new, scale, chosen, check_block_ids)
     if torch.compiler.is_compiling():
         out, lse = torch.ops.kvpo.routed_attention_fwd(*args)
@@ -246,9 +246,6 @@ def triton_forward(q, k_cache, v_cache, block_table, block_counts, k_new, v_new,
 
 def torch_forward(q, k_cache, v_cache, block_table, block_counts, k_new, v_new, softmax_scale):
     """The torch backend's forward: the reference. (out contiguous, lse in the accumulation dtype)."""
-    if q.shape[0] == 0:  # the reference stacks per-sequence results
-        lse = q.new_empty((0, q.shape[2], q.shape[1]), dtype=accumulation_dtype(q.dtype))
-        return q.new_empty(q.shape), lse
     out, lse = reference.routed_attention(q, k_cache, v_cache, block_table, block_counts, k_new, v_new,
                                           softmax_scale=softmax_scale, return_lse=True)
     return out.contiguous(), lse.to(accumulation_dtype(q.dtype)).contiguous()

@@ -303,7 +303,7 @@ def velocity_energy(pred: torch.Tensor, target: torch.Tensor, weight: Optional[t
         ``dpred = grad_E * weight * 2 (pred - target) / (n or 1)``, ``dtarget = -dpred``, in the inputs' dtype.
     """
     _validate(pred, target, weight, reduction)
-    chosen = _choose_backend(check_backend_name(backend), pred.device, pred.dtype)
+    chosen = _choose_backend(check_backend_name(_OP, backend), pred.device, pred.dtype)
     if _TABLE[chosen].backward is None:  # differentiated by autograd
         return launcher(_OP, chosen, "forward")(pred, target, weight, reduction == "mean")
     if weight is not None:

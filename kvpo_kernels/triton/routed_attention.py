@@ -250,6 +250,9 @@ def _routed_attention_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
+    # A +inf score (an inf key) makes m = +inf and l = NaN: its lse is +inf, as logsumexp says, so that the
+    # backward's P = exp(s - lse) is 0 for the row's finite scores (their gradients stay finite, as in the truth).
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     o_ptrs = _tile_ptrs(Out_ptr + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, 1)
     tl.store(o_ptrs, out.to(Out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse_ptr + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
@@ -526,8 +529,8 @@ _BLOCK_CHUNK = 65532
 
 def _check_grid(batch: int, q_heads: int) -> None:
     if batch > _MAX_GRID_YZ or q_heads > _MAX_GRID_YZ:
-        raise ValueError(f"routed_attention (triton): B ({batch}) and Hq ({q_heads}) must be <= {_MAX_GRID_YZ} "
-                         f"(CUDA grid limit); split the batch")
+        raise ValueError(f"routed_attention: B ({batch}) and Hq ({q_heads}) must be <= {_MAX_GRID_YZ} on the triton "
+                         f"backend (CUDA grid limit); split the batch")
 
 
 def _new_strides(k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor]):
