@@ -156,6 +156,9 @@ def _routed_attention_fwd_tma_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / _LOG2E)
+    # A +inf score makes m = +inf and l = NaN: lse is +inf, as logsumexp says (the pointer forward's rule), so the
+    # backward's P = exp(s - lse) is 0 for the row's finite scores.
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     tl.store(Out_ptr + row_offs, out.to(Out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(lse_ptrs, lse, mask=m_ok)
 
@@ -183,18 +186,18 @@ def _check_descriptor_layout(name: str, tensor: torch.Tensor) -> None:
     """TMA: unit stride on the last dim, base and every other stride a multiple of 16 bytes."""
     size = tensor.element_size()
     if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
-        raise ValueError(f"routed_attention (triton tma): {name} must have unit stride on D, got strides "
-                         f"{tuple(tensor.stride())}")
+        raise ValueError(f"routed_attention: {name} must have unit stride on D for the triton tma forward, got "
+                         f"strides {tuple(tensor.stride())}")
     if tensor.data_ptr() % 16 or any(stride * size % 16 for stride in tensor.stride()[:-1]):
-        raise ValueError(f"routed_attention (triton tma): {name} needs a 16-byte aligned base and strides that are "
-                         f"multiples of 16 bytes (D a multiple of {16 // size}), got strides {tuple(tensor.stride())} "
-                         f"of {size}-byte elements")
+        raise ValueError(f"routed_attention: {name} needs a 16-byte aligned base and strides that are multiples of "
+                         f"16 bytes for the triton tma forward (D a multiple of {16 // size}), got strides "
+                         f"{tuple(tensor.stride())} of {size}-byte elements")
 
 
 def _check_inputs(q, k_cache, v_cache, block_table, k_new, v_new) -> None:
     if block_table.shape[1] > _MAX_TABLE:
-        raise ValueError(f"routed_attention (triton tma): block_table width M ({block_table.shape[1]}) must be <= "
-                         f"{_MAX_TABLE} (the table row is held in registers)")
+        raise ValueError(f"routed_attention: block_table width M ({block_table.shape[1]}) must be <= {_MAX_TABLE} "
+                         f"for the triton tma forward (the table row is held in registers)")
     named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
     named += [("k_new", k_new), ("v_new", v_new)] if k_new is not None and k_new.shape[1] > 0 else []
     for name, tensor in named:
