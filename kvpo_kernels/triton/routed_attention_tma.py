@@ -19,11 +19,17 @@ The new chunk (k_new / v_new) therefore cannot be one more span of the loop. It 
 kernel, with the chunk seen as a pool of B blocks of Ln tokens and the identity table, that *resumes* the online
 softmax from the first pass: pass 1 stores its normalised fp32 output ``o1`` and ``lse1``; ``(m, l, acc) = (lse1 *
 log2(e), 1, o1)`` is the same softmax state as pass 1's final one (acc / l = o1, m + log2(l) = lse1 in base 2), and
-pass 2 continues from it exactly as if the chunk's tiles had followed in the loop. Why this rather than giving the
-chunk pool slots: this launcher receives the pool read-only and cannot write the chunk into it (copying a pool of
-GBs is out of the question), while the second pass changes nothing in the hot kernel and costs one fp32 round trip
-of ``out`` (write + read of B * Lq * Hq * D * 4 bytes, ~1% of the forward at the LongLive sizes on paper: 8 * 1560 *
-12 * 128 * 8 bytes ~ 0.15 GB, against ~2.5e12 flops of attention) plus one launch.
+pass 2 continues from it exactly as if the chunk's tiles had followed in the loop.
+
+Why this rather than pool slots for the chunk, on paper at G8 (benchmarks/bench_routed_attention.py: B = 8,
+Lq = 4680, 12 heads of 128, 18,720 pool keys + a 4,680-key chunk): both cost about the same, ~0.8% of the forward.
+The second pass adds a fp32 write + read of ``out`` and a re-read of q, 8 * 4680 * 12 * 128 * (8 + 2) bytes
+~ 0.58 GB ~ 0.12 ms at H200 bandwidth, plus one launch and one pipeline warm-up per program, against ~5.4e12 flops
+of attention ~ 15 ms at the 365 TFLOP/s a plain block-table Triton forward measured on G8 (ANCHORS.md). Pool slots
+write the chunk's K and V into the pool (the same ~0.46 GB), but this launcher receives the pool read-only: only
+the caller (the cache, which writes the chunk there anyway) could do it, which changes the op's contract. The
+second pass is the simpler of the two and changes nothing in the hot loop. (Arithmetic, not a measurement: no GPU
+run yet.)
 
 Numerics as the pointer forward: fp32 scores, statistics and accumulators; base-2 softmax with the scale folded into
 ``qk_scale``; fp32 inputs use IEEE dots. A tile whose scores are all -inf (a pool holding -inf keys) keeps the
@@ -183,7 +189,8 @@ def _install_allocator() -> None:
 
 
 def _check_descriptor_layout(name: str, tensor: torch.Tensor) -> None:
-    """TMA: unit stride on the last dim, base and every other stride a multiple of 16 bytes."""
+    """TMA: unit stride on the last dim, base and every other stride a multiple of 16 bytes (size-1 dims too: their
+    strides go into the descriptors as given)."""
     size = tensor.element_size()
     if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
         raise ValueError(f"routed_attention: {name} must have unit stride on D for the triton tma forward, got "
@@ -226,7 +233,7 @@ def routed_attention_forward_tma(q: torch.Tensor, k_cache: torch.Tensor, v_cache
                                  softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """The forward through tensor descriptors, with the contract of ``routed_attention_forward``: inputs validated
     by the caller; returns out [B, Lq, Hq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] fp32. Raises ValueError
-    / TypeError for layouts the descriptors cannot describe (see the module docstring)."""
+    for layouts the descriptors cannot describe (see the module docstring)."""
     batch, q_len, q_heads, head_dim = q.shape
     has_new = k_new is not None and k_new.shape[1] > 0
     out = torch.empty((batch, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
