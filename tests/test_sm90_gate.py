@@ -6,6 +6,8 @@ kernel is compiled at bf16 and fp16, D = 64 and 128, in every variant and every 
 
 - a ptxas C7515 warning (wgmma serialized: the tensor core then runs one instruction at a time);
 - a first config (the one ``KVPO_TRITON_AUTOTUNE=0`` takes, and the autotuner's fallback) that spills registers;
+- a config whose shared memory exceeds an H100's 227 KB per block (its launch would fail: the prunes' estimate
+  was wrong);
 - a matmul kernel whose SASS has no HGMMA (a slower mma.sync / FFMA path);
 - a TMA forward whose SASS has no UTMALDG (its tiles would not come through the copy engine) or no USETMAXREG
   (``setmaxnreg``: Triton's Hopper warp specialisation did not apply; it needs 4 warps, the 2-D q descriptor, the
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 
-from _sm90 import TESTS_DIR, run_compile_script
+from _sm90 import H100_SHARED_MEMORY, TESTS_DIR, run_compile_script
 
 RESULTS = os.path.join(os.path.dirname(TESTS_DIR), "benchmarks", "results", "sm90-compile-facts")
 _GATE = "import json\nfrom _sm90 import gate_facts\nprint(json.dumps(gate_facts()))"
@@ -57,6 +59,8 @@ def test_every_kernel_config_builds_for_sm90_without_serialized_wgmma_or_first_c
     failures = [f"{_label(row)}: {row['c7515']} C7515 (wgmma serialized)" for row in rows if row["c7515"]]
     failures += [f"{_label(row)}: first config spills {row['spill_bytes']} bytes" for row in rows
                  if row["first"] and (row["spill_bytes"] or row["stack"])]
+    failures += [f"{_label(row)}: {row['shared']} bytes of shared memory" for row in rows
+                 if row["shared"] > H100_SHARED_MEMORY]
     failures += [f"{_label(row)}: no HGMMA in the SASS" for row in rows if row["matmul"] and not row["hgmma"]]
     tma = [row for row in rows if row["name"] == "tma_fwd"]
     failures += [f"{_label(row)}: no UTMALDG in the SASS" for row in tma if not row["utmaldg"]]
