@@ -3,7 +3,8 @@
 TTIR -> PTX -> cubin with Triton's bundled ptxas: a kernel that only the GPU compiler rejects fails on the CPU, and
 the cubin's resource usage (shared memory, register spills) can be checked before any GPU run. The compile must run
 with ``TRITON_INTERPRET=0``, which the test process cannot switch back, so each test runs a script in a fresh
-process (``run_compile_script``) that calls ``compile_for_sm90``.
+process (``run_compile_script``) that calls ``compile_for_sm90``. ``gate_facts`` compiles every kernel config the
+autotuners may pick (two processes) for tests/test_sm90_gate.py.
 """
 import json
 import os
