@@ -3,9 +3,10 @@
 Layers (the template every op follows): validation (here, before anything runs) -> the backend table ``_TABLE``
 read by ``select_backend`` -> the ``torch.library`` custom ops ``kvpo::routed_attention_fwd`` /
 ``kvpo::routed_attention_bwd`` (fake implementations, autograd registration; opaque to ``torch.compile``) when
-torch.compile traces the call, and an equivalent ``autograd.Function`` for eager calls (on a CPU core the custom
-op's dispatch measured ~36 us per forward and ~370 us per forward + backward, the Function's ~20 us and ~180 us)
--> the launchers named in the table: the Triton ones in ``kvpo_kernels/triton/routed_attention.py`` (or, with
+torch.compile traces the call, and an equivalent ``autograd.Function`` for eager calls: with this op's signature
+the custom op's dispatch measured ~2x the Function's on a shared CPU core (15-36 us against 8-20 us per forward,
+135-370 us against 58-180 us per forward + backward, two runs), as velocity_energy found -> the launchers named
+in the table: the Triton ones in ``kvpo_kernels/triton/routed_attention.py`` (or, with
 ``KVPO_TRITON_FORWARD=tma``, the tensor-descriptor forward of ``routed_attention_tma.py``), and the pure-PyTorch
 backend (``reference.py`` forward, the gather-based backward below).
 """
