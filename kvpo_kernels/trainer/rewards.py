@@ -24,7 +24,7 @@ VideoAlign returns several heads (visual quality, motion quality, text alignment
 """
 from __future__ import annotations
 
-from typing import Dict, List, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
@@ -54,6 +54,11 @@ class LinearDecoder:
         z = latents.float()
         rgb = torch.einsum("oc,ncfhw->nofhw", self.weight.to(z.device), z) + self.bias.to(z.device).view(1, 3, 1, 1, 1)
         return torch.tanh(rgb)
+
+    @staticmethod
+    def first_pixel_frame(latent_frame: int) -> int:
+        """Frame-wise decoder: latent frame i is pixel frame i."""
+        return latent_frame
 
 
 class BrightnessReward:
@@ -90,27 +95,67 @@ class TemporalSmoothnessReward:
 
 
 class CombinedReward:
-    """Several rewards side by side: their components concatenated, in order."""
+    """Several rewards side by side: their components concatenated, in order.
 
-    def __init__(self, rewards: Sequence[RewardFn]):
+    A component with ``input = "pixels"`` (see :mod:`~kvpo_kernels.trainer.learned_rewards`) scores the video that
+    ``decoder`` (latents ``[N, C, F, H, W]`` -> ``[N, 3, T, H', W']`` in [-1, 1]) decodes, once per call and shared
+    by every pixel component; the others score latents.
+    """
+
+    def __init__(self, rewards: Sequence[RewardFn], decoder=None):
         self.rewards = list(rewards)
         self.names = tuple(name for reward in self.rewards for name in reward.names)
+        self.decoder = decoder
+        pixel = [reward.names for reward in self.rewards if getattr(reward, "input", "latents") == "pixels"]
+        if pixel and decoder is None:
+            raise ValueError(f"reward.components: {pixel} score pixels and need a VAE (model.vae, or model.pretrained "
+                             "with a vae/ folder)")
+        self.needs_pixels = bool(pixel)
+
+    def _score(self, latents: torch.Tensor, video, prompt_ids: torch.Tensor) -> torch.Tensor:
+        scores = [reward(video if getattr(reward, "input", "latents") == "pixels" else latents, prompt_ids)
+                  for reward in self.rewards]
+        return torch.cat([s.float().cpu() for s in scores], dim=1)
 
     def __call__(self, latents: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat([reward(latents, prompt_ids).float() for reward in self.rewards], dim=1)
+        return self._score(latents, self.decoder(latents) if self.needs_pixels else None, prompt_ids)
+
+    def score_group(self, video: torch.Tensor, chunk_start: int, prompt_ids: torch.Tensor):
+        """``(local, global)`` scores ``[N, C_r]`` of the chunk ``video[:, :, chunk_start:]`` and of the whole video
+        (latents ``[N, C, F, H, W]``), decoding the video once: the chunk's pixels are the decoded video's frames
+        from the chunk's first latent frame on (the causal Wan VAE decodes them with their history)."""
+        pixels = self.decoder(video) if self.needs_pixels else None
+        chunk_pixels = None if pixels is None else pixels[:, :, self.decoder.first_pixel_frame(chunk_start):]
+        return (self._score(video[:, :, chunk_start:], chunk_pixels, prompt_ids),
+                self._score(video, pixels, prompt_ids))
 
 
 BUILTIN_REWARDS = {"brightness": BrightnessReward, "smoothness": TemporalSmoothnessReward}
+LEARNED_REWARDS = ("clip",)   # {name: clip, weight, path: local CLIP folder, num_frames: 4}
 
 
-def build_reward(specs: List[Dict], latent_channels: int, seed: int) -> CombinedReward:
-    """Rewards from config entries ``{"name": "brightness", "weight": 1.0, ...kwargs}`` (weights read elsewhere)."""
+def build_reward(specs: List[Dict], latent_channels: int, seed: int, *, decoder=None,
+                 prompts: Optional[Sequence[str]] = None, device="cpu", offload: bool = False) -> CombinedReward:
+    """Rewards from config entries ``{"name": "brightness", "weight": 1.0, ...kwargs}`` (weights read elsewhere).
+
+    decoder: the latent -> pixel decoder of the pixel rewards (the Wan VAE); prompts: the prompt texts; device /
+    offload: where the reward models run and whether they wait on the CPU between calls.
+    """
     rewards = []
     for spec in specs:
         kwargs = {key: value for key, value in spec.items() if key not in ("name", "weight")}
         name = spec.get("name")
-        if name not in BUILTIN_REWARDS:
-            raise ValueError(f"reward.components: unknown reward {name!r}; built-in: {sorted(BUILTIN_REWARDS)} "
-                             "(for a learned reward, build the Trainer in Python with reward_fn=...)")
-        rewards.append(BUILTIN_REWARDS[name](latent_channels, seed=seed, **kwargs))
-    return CombinedReward(rewards)
+        if name == "clip":
+            from .learned_rewards import ClipScoreReward
+
+            if "path" not in kwargs:
+                raise ValueError("reward.components clip: needs path: a local CLIP folder (save_pretrained layout)")
+            rewards.append(ClipScoreReward(kwargs.pop("path"), prompts or [], device=device, offload=offload,
+                                           **kwargs))
+        elif name in BUILTIN_REWARDS:
+            rewards.append(BUILTIN_REWARDS[name](latent_channels, seed=seed, **kwargs))
+        else:
+            raise ValueError(f"reward.components: unknown reward {name!r}; built-in: "
+                             f"{sorted(BUILTIN_REWARDS) + list(LEARNED_REWARDS)} (for another learned reward, "
+                             "build the Trainer in Python with reward_fn=...)")
+    return CombinedReward(rewards, decoder)
