@@ -28,6 +28,10 @@ class RunConfig:
     resume: bool = True                    # continue from output_dir/checkpoint.pt when it exists
     progress: bool = True                  # tqdm progress bar (rank 0 only)
     plot: bool = True                      # write metrics.png at the end (rank 0 only)
+    sample_every: int = 0                  # write samples/step_N.mp4 (anchor | best | worst branch) every N steps and
+    #                                        at the end (0: off; needs the models extra)
+    eval_prompts: int = 4                  # kvpo-eval / --eval-only: the first N prompts (0: all)
+    eval_seeds: List[int] = field(default_factory=lambda: [0, 1])  # kvpo-eval: one video per prompt and seed
     cpu_threads: int = 1                   # kvpo-train on CPU: torch intra-op threads (0: torch's default). Small
     #                                        models run fastest single-threaded; extra threads only add sync cost
 
@@ -50,6 +54,16 @@ class ModelConfig:
     latent_channels: int = 4               # random init only: in/out channels (Wan VAE: 16)
     trainable: List[str] = field(default_factory=list)  # train only parameters whose name contains one of these
     backend: str = "auto"                  # kernel backend of the routed attention processor
+    lora_rank: Optional[int] = None        # LoRA rank (0 / null: no LoRA, train the weights model.trainable selects)
+    lora_alpha: Optional[float] = None     # LoRA alpha (scale alpha / rank); null: = lora_rank
+    lora_dropout: float = 0.0              # LoRA dropout
+    lora_targets: Optional[List[str]] = None  # block-relative Linear names (attn1.to_q, ffn.net.2, ...); null: every
+    #                                          Linear of every transformer block
+    lora_checkpoint: Optional[str] = None  # adapter to start from: LongLive lora.pt (CausalWan names, generator_lora
+    #                                        entry) or a pytorch_lora_weights.safetensors written by kvpo-train
+    text_encoder: Optional[str] = None     # UMT5 encoder folder (or Wan folder); null: model.pretrained's text_encoder/
+    vae: Optional[str] = None              # AutoencoderKLWan folder (or Wan folder); null: model.pretrained's vae/
+    offload: bool = False                  # keep the VAE and the reward models on the CPU between uses
 
 
 @dataclass
@@ -82,8 +96,10 @@ class RolloutConfig:
     latent_height: int = 8                 # latent grid height
     latent_width: int = 8                  # latent grid width
     num_prompts: int = 4                   # synthetic prompts (fixed random embeddings) when no prompt file is given
-    prompt_length: int = 8                 # tokens per synthetic prompt embedding
-    prompts_file: Optional[str] = None     # .pt file with precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
+    prompt_length: int = 8                 # tokens per prompt: synthetic embeddings, or the UMT5 length of a .txt
+    #                                        prompts file (Wan: 512)
+    prompts_file: Optional[str] = None     # .txt (one prompt a line, encoded by model.text_encoder) or .pt file with
+    #                                        precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
 
 
 @dataclass
@@ -110,7 +126,9 @@ class ObjectiveConfig:
 @dataclass
 class RewardConfig:
     components: List[Dict[str, Any]] = field(default_factory=lambda: [{"name": "brightness", "weight": 1.0}])
-    # built-in reward entries: {name: brightness | smoothness, weight: float, ...constructor kwargs}
+    # built-in reward entries: {name: brightness | smoothness, weight: float, ...constructor kwargs}, or the CLIP
+    # score on VAE-decoded frames: {name: clip, weight: float, path: local CLIP folder, num_frames: 4}
+    batch_size: int = 1                    # samples the VAE decodes at once (bounds its activation memory)
 
 
 @dataclass
@@ -172,6 +190,17 @@ class TrainConfig:
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.model.dtype!r}")
         if self.optim.updates_per_rollout < 1 or self.optim.old_sync_every < 1:
             raise ValueError("optim.updates_per_rollout and optim.old_sync_every must be >= 1")
+        if self.model.lora_rank is not None and (isinstance(self.model.lora_rank, bool) or
+                                                 not isinstance(self.model.lora_rank, int) or self.model.lora_rank < 0):
+            raise ValueError(f"model.lora_rank must be an int >= 0 or null, got {self.model.lora_rank!r}")
+        if self.model.lora_checkpoint is not None and not self.model.lora_rank:
+            raise ValueError("model.lora_checkpoint needs model.lora_rank (the adapter's rank)")
+        if self.model.lora_rank and self.model.trainable:
+            raise ValueError("model.trainable and model.lora_rank exclude each other (with LoRA only the adapter trains)")
+        if self.reward.batch_size < 1 or self.run.sample_every < 0 or self.run.eval_prompts < 0:
+            raise ValueError("reward.batch_size must be >= 1, run.sample_every and run.eval_prompts >= 0")
+        if not self.run.eval_seeds:
+            raise ValueError("run.eval_seeds must hold at least one seed")
         if not self.reward.components:
             raise ValueError("reward.components must name at least one reward")
         return self

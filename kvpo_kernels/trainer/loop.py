@@ -32,7 +32,8 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import TrainConfig, save_config
 from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier, local_groups
 from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
-from .rewards import RewardFn, build_reward
+from .model_stack import add_configured_lora, build_decoder, load_prompts
+from .rewards import CombinedReward, RewardFn, build_reward
 from .rollout import backward_through_replay, group_rollout, replay_energies
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,7 +116,11 @@ class Trainer:
         self.config = config.validate()
         self.dist = dist or DistInfo()
         self.device = resolve_device(config.run.device, self.dist)
-        self.transformer = (transformer if transformer is not None else build_transformer(config)).to(self.device)
+        lora = None
+        if transformer is None:
+            transformer = build_transformer(config)
+            lora = add_configured_lora(transformer, config)
+        self.transformer = transformer.to(self.device)
         s = config.streaming
         self.gen = StreamingWanGenerator(
             self.transformer, StreamingConfig(frames_per_block=s.frames_per_block, sink_frames=s.sink_frames,
@@ -129,8 +134,8 @@ class Trainer:
 
         # Trainable parameters: those whose name contains one of model.trainable (the rest frozen); without that
         # list, all of a model built here, or the requires_grad ones of a model passed in (e.g. LoRA adapters).
-        self.trainable = []
-        for name, param in self.transformer.named_parameters():
+        self.trainable = [] if lora is None else lora
+        for name, param in ([] if lora is not None else self.transformer.named_parameters()):
             if config.model.trainable:
                 param.requires_grad_(any(key in name for key in config.model.trainable))
             elif transformer is None:
@@ -140,12 +145,18 @@ class Trainer:
         if not self.trainable:
             raise ValueError(f"model.trainable={config.model.trainable} selects no parameter")
 
-        self.prompts = self._prompts(prompt_embeds, tcfg.text_dim).to(self.device, next(self.transformer.parameters()).dtype)
+        text_embeds, self.prompt_texts = (None, []) if prompt_embeds is not None else load_prompts(config, self.device)
+        self.prompts = self._prompts(prompt_embeds if prompt_embeds is not None else text_embeds, tcfg.text_dim).to(
+            self.device, next(self.transformer.parameters()).dtype)
+        self.decoder = build_decoder(config, self.device)   # the Wan VAE of the pixel rewards and sample videos
         if reward_fn is None:
-            reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed)
+            reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed,
+                                     decoder=self.decoder, prompts=self.prompt_texts, device=self.device,
+                                     offload=config.model.offload)
             weights = [float(spec.get("weight", 1.0)) for spec in config.reward.components]
         else:
             weights = [1.0] * len(reward_fn.names)
+            reward_fn = reward_fn if isinstance(reward_fn, CombinedReward) else CombinedReward([reward_fn], self.decoder)
         self.reward_fn = reward_fn
         self.component_weights = torch.tensor(weights, dtype=torch.float64)
         self.step_weights = (None if config.replay.step_weights is None
@@ -234,9 +245,9 @@ class Trainer:
                                         latent_shape=self.latent_shape, rng=rng, sampler=r.sampler)
                 energy_old = None if old_is_policy else self._replay(rollout, grad=False)
             ids = torch.full((r.num_branches + 1,), prompt_id, dtype=torch.long)
-            with torch.no_grad():
-                local = self.reward_fn(rollout.chunk, ids).double().cpu()
-                global_ = self.reward_fn(rollout.video(), ids).double().cpu()
+            with torch.no_grad():  # one decode of the whole video serves the chunk's and the video's pixel rewards
+                local, global_ = self.reward_fn.score_group(rollout.video(), fork * cfg.streaming.frames_per_block, ids)
+                local, global_ = local.double(), global_.double()
             o = cfg.objective
             advantages = anchor_relative_advantages(local, global_, self.component_weights,
                                                     signal_weights=(o.local_weight, o.global_weight),
@@ -330,12 +341,23 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> Dict:
         return {"step": self.step, "rollouts": self.rollouts, "version": self.version, "old_version": self.old_version,
-                "model": self.transformer.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
                 "master": self.master, "ema": self.ema, "old": self.old, "ref": self.ref, "rng": rng_state(),
                 "config": self.config.to_dict()}
 
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        """The trainable weights by name: the frozen rest (a LoRA's base model) is rebuilt from its source."""
+        ids = {id(p) for p in self.trainable}
+        return {name: p.detach() for name, p in self.transformer.named_parameters() if id(p) in ids}
+
     def load_state_dict(self, state: Dict) -> None:
-        self.transformer.load_state_dict(state["model"])
+        mine = self._trainable_state()
+        if set(state["model"]) != set(mine):
+            raise ValueError(f"checkpoint: its weights are not this config's trainable ones (e.g. LoRA on/off or "
+                             f"other targets): {sorted(set(state['model']) ^ set(mine))[:4]}")
+        with torch.no_grad():
+            for name, tensor in state["model"].items():
+                mine[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         for name in ("master", "ema", "old", "ref"):
             mine, saved = getattr(self, name), state[name]
@@ -350,8 +372,13 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self, path: Optional[str] = None) -> None:
+        """The checkpoint and, with LoRA, the adapter in diffusers' format (``run.output_dir/lora/``)."""
         if self.dist.is_main:
             save_checkpoint(path or self.checkpoint_path, self.state_dict())
+            if self.config.model.lora_rank:
+                from ..integrations.diffusers.lora import save_lora_adapter
+
+                save_lora_adapter(self.transformer, os.path.join(self.config.run.output_dir, "lora"))
         barrier(self.dist)
 
     def resume(self, path: Optional[str] = None) -> bool:
@@ -370,6 +397,13 @@ class Trainer:
             with open(self.metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+    def _sample(self, record: Dict) -> None:
+        """Sample video of the fixed eval group (rank 0 only); its rewards go into the step's metrics line."""
+        if self.dist.is_main:
+            from .samples import write_samples
+
+            record.update(write_samples(self, self.step))
+
     def train(self, steps: Optional[int] = None, callback: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
         """Run until ``steps`` (default run.steps) train steps are done; returns this call's step records."""
         cfg = self.config
@@ -387,6 +421,8 @@ class Trainer:
                    disable=not (cfg.run.progress and self.dist.is_main), dynamic_ncols=True)
         while self.step < total:
             record = self.train_step()
+            if cfg.run.sample_every and (self.step % cfg.run.sample_every == 0 or self.step == total):
+                self._sample(record)
             records.append(record)
             self._log(record)
             if callback is not None:
