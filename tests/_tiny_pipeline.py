@@ -73,3 +73,39 @@ def build_clip_folder(root, seed=0):
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root)
     return str(root)
+
+
+def to_causal_wan_lora(adapter):
+    """A diffusers-named adapter state dict ``blocks.0.attn1.to_q.lora_A.weight`` as LongLive saves its LoRA: peft
+    names of CausalWanModel (``base_model.model.blocks.0.self_attn.q.lora_A.weight``)."""
+    from kvpo_kernels.integrations.diffusers.weights import _IN_BLOCK
+
+    inverse = {new: old for old, new in _IN_BLOCK.items()}
+    out = {}
+    for key, tensor in adapter.items():
+        _, index, rest = key.split(".", 2)
+        module, part = rest.rsplit(".lora_", 1)
+        out[f"base_model.model.blocks.{index}.{inverse[module]}.lora_{part}"] = tensor.clone()
+    return out
+
+
+def randomize_lora(transformer, seed=0, scale=0.05):
+    """Random lora_B (peft starts it at 0) so the adapter changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=gen))
+
+
+def write_prompts(path, sentences=SENTENCES):
+    with open(path, "w") as handle:
+        handle.write("\n".join(sentences) + "\n")
+    return str(path)
+
+
+def tiny_inputs(seed=0):
+    """(latents [1, C, 2, 8, 8], timestep [1], text [1, 6, TEXT_DIM]) for a plain transformer forward."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, LATENT_CHANNELS, 2, 8, 8, generator=gen), torch.tensor([500.0]),
+            torch.randn(1, 6, TEXT_DIM, generator=gen))

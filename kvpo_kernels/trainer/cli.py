@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="shorthand for --set run.steps=N")
     parser.add_argument("--output-dir", help="shorthand for --set run.output_dir=DIR")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the output dir")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="no training: score the run in the output dir (initial vs trained), as kvpo-eval does")
     return parser
 
 
@@ -39,10 +41,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.fresh:
         overrides.append("run.resume=false")
     config = load_config(preset=args.preset, path=args.config, overrides=overrides)
+    if args.eval_only:
+        from .eval import evaluate_run, format_table
 
-    from .distributed import cleanup, init_distributed
-    from .loop import Trainer
+        print(format_table(evaluate_run(config.run.output_dir, overrides)), flush=True)
+        return 0
 
+    from .distributed import DistInfo, cleanup, init_distributed
+    from .loop import Trainer, resolve_device
+    from .model_stack import check_startup, plan_memory
+
+    plan = plan_memory(config)   # meta tensors: nothing allocated; refuses before any process group or model
+    try:
+        check_startup(config, resolve_device(config.run.device, DistInfo()), plan)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"kvpo-train: {plan.format()}", flush=True)
     dist = init_distributed(config.run.device)
     if config.run.cpu_threads > 0 and not (config.run.device != "cpu" and _has_cuda()):
         import torch

@@ -49,13 +49,13 @@ def build_transformer(config: TrainConfig):
         model = WanTransformer3DModel.from_pretrained(m.pretrained, subfolder=m.subfolder, torch_dtype=dtype)
     else:
         model = _random_transformer(config)
-        if m.causal_checkpoint is not None:
-            from ..integrations.diffusers import load_causal_wan_weights
+    if m.causal_checkpoint is not None:   # over the pretrained folder's weights too (LongLive base over Wan2.1)
+        from ..integrations.diffusers import load_causal_wan_weights
 
-            load_causal_wan_weights(model, m.causal_checkpoint, key=m.causal_checkpoint_key)
-        # (float32 is the construction dtype: no cast, which diffusers would warn about)
-        if dtype != torch.float32:
-            _cast_keeping_fp32_modules(model, dtype)
+        load_causal_wan_weights(model, m.causal_checkpoint, key=m.causal_checkpoint_key)
+    # (float32 is the construction dtype: no cast, which diffusers would warn about; from_pretrained cast already)
+    if m.pretrained is None and dtype != torch.float32:
+        _cast_keeping_fp32_modules(model, dtype)
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

@@ -98,10 +98,19 @@ class MemoryPlan:
 
 
 def _meta_model(config: TrainConfig):
+    """The configured transformer (a pretrained folder's config, else the model section's geometry) + LoRA on the
+    meta device."""
+    from diffusers import WanTransformer3DModel
+
     from .loop import _random_transformer as random_transformer  # (moves to .model with the trainer split)
 
+    m = config.model
     with torch.device("meta"):
-        model = random_transformer(config)
+        if m.pretrained is not None:
+            model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(m.pretrained,
+                                                                                        subfolder=m.subfolder))
+        else:
+            model = random_transformer(config)
         if config.model.lora_rank:
             from ..integrations.diffusers.lora import add_lora
 
@@ -117,6 +126,7 @@ def plan_memory(config: TrainConfig) -> MemoryPlan:
     gradient checkpointing one layer's worth plus each layer's input; with rematerialisation one forward's worth."""
     m, r, s = config.model, config.rollout, config.streaming
     model = _meta_model(config)
+    geometry = model.config
     params = sum(p.numel() for p in model.parameters())
     if m.lora_rank:
         trainable = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
@@ -128,15 +138,14 @@ def plan_memory(config: TrainConfig) -> MemoryPlan:
     optimizer = trainable * 4 * (3 if low_precision else 2)
     copies = trainable * width * (1 + (config.objective.beta != 0))
     copies += trainable * 4 * (config.optim.ema_decay > 0)
-    dim = m.num_attention_heads * m.attention_head_dim
+    dim, layers = geometry.num_attention_heads * geometry.attention_head_dim, geometry.num_layers
     tokens_per_frame = (r.latent_height // 2) * (r.latent_width // 2)
     f = s.frames_per_block
     frames = s.cache_frames + (r.num_branches + 1) * f * (r.num_blocks - r.fork_min)
-    kv_pool = frames * tokens_per_frame * 2 * dim * m.num_layers * width
+    kv_pool = frames * tokens_per_frame * 2 * dim * layers * width
     tokens = r.num_branches * f * tokens_per_frame
-    per_layer = tokens * (12 * dim + 2 * m.ffn_dim) * width
-    one_forward = (per_layer + tokens * dim * width * m.num_layers if m.gradient_checkpointing
-                   else per_layer * m.num_layers)
+    per_layer = tokens * (12 * dim + 2 * geometry.ffn_dim) * width
+    one_forward = per_layer + tokens * dim * width * layers if m.gradient_checkpointing else per_layer * layers
     replayed = r.perturbed_blocks if config.replay.blocks == "perturbed" else r.num_blocks - r.fork_min
     forwards = 1 if config.replay.rematerialize else replayed * config.replay.grad_steps
     return MemoryPlan(params, trainable, params * width, optimizer, copies, kv_pool, one_forward * forwards)

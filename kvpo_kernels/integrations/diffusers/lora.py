@@ -29,8 +29,9 @@ def block_linear_names(transformer) -> list:
     """Module names, relative to a block, of every ``nn.Linear`` in the transformer's blocks (``attn1.to_q``, ...)."""
     names = []
     for name, module in transformer.blocks[0].named_modules():
-        if isinstance(module, torch.nn.Linear):
-            names.append(name)
+        # with an adapter on, a target's own Linear is its ``base_layer`` and its lora_A / lora_B are Linears too
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}":
+            names.append(name.replace(".base_layer", ""))
     return names
 
 
