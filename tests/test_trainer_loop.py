@@ -31,7 +31,7 @@ def test_reward_rises_on_a_short_tiny_run(tmp_path):
 
 def test_rollout_shares_noise_and_anchor_is_unperturbed(tmp_path):
     trainer = Trainer(tiny(tmp_path))
-    gen, G = trainer.gen, 3
+    gen, G = trainer.generator, 3
     rng = torch.Generator().manual_seed(7)
     prompt = trainer.prompts[:1]
     ro = group_rollout(gen, prompt, prompt_id=0, num_blocks=7, fork_block=5, perturbed_blocks=1, num_branches=G,
@@ -60,12 +60,12 @@ def test_rollout_and_replay_never_grow_the_kv_pool(tmp_path, monkeypatch):
     trainer = Trainer(tiny(tmp_path, "streaming.frames_per_block=2"))
     grows, real_grow = [], _BlockPool.grow
     monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
-    ro = group_rollout(trainer.gen, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=5, perturbed_blocks=1,
+    ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=5, perturbed_blocks=1,
                        num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
                        rng=torch.Generator().manual_seed(0))
-    replay_energies(trainer.gen, ro, num_blocks=3, grad_steps=1)
+    replay_energies(trainer.generator, ro, num_blocks=3, grad_steps=1)
     assert len(grows) == 1, f"the pool grew after it was made: {grows}"
-    assert ro.prefix_cache._pool.num_blocks == grows[0] == trainer.gen.config.cache_frames + 4 * 2 * 3
+    assert ro.prefix_cache._pool.num_blocks == grows[0] == trainer.generator.config.cache_frames + 4 * 2 * 3
 
 
 def test_replay_energy_is_zero_on_an_unrouted_trajectory(tmp_path):
@@ -73,11 +73,11 @@ def test_replay_energy_is_zero_on_an_unrouted_trajectory(tmp_path):
     while routed branches have E > 0. This checks the replay's cache, commits, x_t and targets line up."""
     trainer = Trainer(tiny(tmp_path))
     rng = torch.Generator().manual_seed(3)
-    ro = group_rollout(trainer.gen, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=5, perturbed_blocks=1,
+    ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=5, perturbed_blocks=1,
                        num_branches=3, num_routed=2, latent_shape=trainer.latent_shape, rng=rng)
     order = [3, 0, 1, 2]  # the anchor becomes branch 0
     swapped = dataclasses.replace(ro, chunk=ro.chunk[order], x_t=ro.x_t[:, :, order], x0_pred=ro.x0_pred[:, :, order])
-    energy = replay_energies(trainer.gen, swapped, num_blocks=3, grad_steps=2, backend="torch")
+    energy = replay_energies(trainer.generator, swapped, num_blocks=3, grad_steps=2, backend="torch")
     assert energy.shape == (3, 3, 4)
     assert energy[0].abs().max() < 1e-9 * energy[1:, 0].abs().max().clamp(min=1e-6) + 1e-12
     assert (energy[1:, 0] > 0).all()
@@ -85,10 +85,10 @@ def test_replay_energy_is_zero_on_an_unrouted_trajectory(tmp_path):
 
 def test_replay_gradients_flow_through_first_steps_only(tmp_path):
     trainer = Trainer(tiny(tmp_path))
-    ro = group_rollout(trainer.gen, trainer.prompts[:1], prompt_id=0, num_blocks=6, fork_block=5, perturbed_blocks=1,
+    ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=6, fork_block=5, perturbed_blocks=1,
                        num_branches=2, num_routed=2, latent_shape=trainer.latent_shape,
                        rng=torch.Generator().manual_seed(1))
-    energy = replay_energies(trainer.gen, ro, num_blocks=1, grad_steps=1, backend="torch")
+    energy = replay_energies(trainer.generator, ro, num_blocks=1, grad_steps=1, backend="torch")
     proj = trainer.transformer.proj_out.weight
     (first,) = torch.autograd.grad(energy[:, :, 0].sum(), proj, retain_graph=True)
     assert first.abs().sum() > 0
@@ -178,3 +178,11 @@ def test_tiny_run_on_cuda(tmp_path, dtype):
     assert all(value.device.type == "cuda" for state in resumed.optimizer.state.values()
                for key, value in state.items() if key != "step")
     assert all(torch.equal(a, b) for a, b in zip(resumed.trainable, trainer.trainable))
+
+
+def test_step_rows_hold_exactly_the_metric_keys(tmp_path):
+    from kvpo_kernels.trainer.metrics import STEP_KEYS
+
+    record = Trainer(tiny(tmp_path, "optim.updates_per_rollout=1")).train(steps=1)[0]
+    assert set(record) == set(STEP_KEYS) - {"skip_reason"}
+    assert [key for key, _ in plot.PANELS] == ["reward_mean", "loss", "kl", "clip_fraction"]

@@ -48,8 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     from .distributed import DistInfo, cleanup, init_distributed
-    from .loop import Trainer, resolve_device
-    from .model_stack import check_startup, plan_memory
+    from .loop import Trainer
+    from .model import check_startup, plan_memory, resolve_device
 
     plan = plan_memory(config)   # meta tensors: nothing allocated; refuses before any process group or model
     try:

@@ -7,15 +7,13 @@ One optimizer step (``Trainer.train_step``):
    (run seed, step, global group index), so any number of ranks sees the same data;
 3. rewards of the chunk ("local") and of the whole video ("global") -> anchor-relative advantages ``[G]``;
 4. branch log-likelihoods from TVE replays: the policy's (with graph), the old policy's and the initial
-   (reference) policy's (no graph; skipped when equal to the policy's);
-5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward, gradients summed over ranks,
-   non-finite check (skip the step, log it, leave the weights, optimizer and checkpoint untouched), norm clipping,
-   AdamW (on fp32 master weights for a bf16/fp16 model), EMA.
+   (reference) policy's (no graph; skipped when equal to the policy's): :meth:`Trainer._settle_energies`;
+5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward (:meth:`Trainer._group_loss`),
+   then (:meth:`Trainer._apply_gradients`) gradients summed over ranks, non-finite check (skip the step, log it,
+   leave the weights, optimizer and checkpoint untouched), norm clipping, AdamW (on fp32 master weights for a
+   bf16/fp16 model), EMA.
 
-Metrics (one JSON line per step in ``run.output_dir/metrics.jsonl``): reward_mean / reward_anchor / reward_best (the
-whole video's weighted reward: group mean, anchor, best branch), loss, policy_loss, kl, clip_fraction, ratio_mean,
-entropy (of the Gibbs branch policy), scale (anchor protection), advantage_mean / advantage_abs, energy_mean,
-grad_norm (before clipping), lr, skipped (+ skip_reason), time_s; averaged over groups and ranks.
+Metrics: one JSON line per step in ``run.output_dir/metrics.jsonl``; the keys are those of :mod:`.metrics`.
 """
 from __future__ import annotations
 
@@ -24,6 +22,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -31,74 +30,36 @@ import torch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, save_config
 from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier, local_groups
+from .metrics import AVERAGED_METRICS
+from .model import add_configured_lora, build_decoder, build_transformer, load_prompts, resolve_device
 from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
-from .model_stack import add_configured_lora, build_decoder, load_prompts
 from .rewards import CombinedReward, RewardFn, build_reward
-from .rollout import backward_through_replay, group_rollout, replay_energies
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def build_transformer(config: TrainConfig):
-    """The WanTransformer3DModel: pretrained (``model.pretrained``) or a random one of the configured geometry."""
-    from diffusers import WanTransformer3DModel
-
-    m = config.model
-    dtype = DTYPES[m.dtype]
-    if m.pretrained is not None:
-        model = WanTransformer3DModel.from_pretrained(m.pretrained, subfolder=m.subfolder, torch_dtype=dtype)
-    else:
-        model = _random_transformer(config)
-    if m.causal_checkpoint is not None:   # over the pretrained folder's weights too (LongLive base over Wan2.1)
-        from ..integrations.diffusers import load_causal_wan_weights
-
-        load_causal_wan_weights(model, m.causal_checkpoint, key=m.causal_checkpoint_key)
-    # (float32 is the construction dtype: no cast, which diffusers would warn about; from_pretrained cast already)
-    if m.pretrained is None and dtype != torch.float32:
-        _cast_keeping_fp32_modules(model, dtype)
-    if m.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    return model
-
-
-def _cast_keeping_fp32_modules(model, dtype: torch.dtype) -> None:
-    """Cast ``model`` to ``dtype`` in place as ``from_pretrained(torch_dtype=dtype)`` does: the modules diffusers keeps
-    in float32 (``_keep_in_fp32_modules``: for Wan the RoPE tables, time embedder, modulation tables and norms) keep
-    their dtype. ``model.to(dtype)`` would round the float32 RoPE cos/sin to bf16 (up to 2e-3 error in every rotation)
-    and the timestep embedding and modulation, unlike diffusers' own bf16 loading (``model.pretrained``), which the
-    random / causal-checkpoint model now matches. (The first parameter, the fp32 ``scale_shift_table``, then makes
-    the rollout latents fp32; the transformer itself computes in bf16.)"""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if tensor.is_floating_point() and not keep.intersection(name.split(".")):
-                tensor.data = tensor.data.to(dtype)
-
-
-def _random_transformer(config: TrainConfig):
-    from diffusers import WanTransformer3DModel
-
-    m = config.model
-    frames = config.rollout.num_blocks * config.streaming.frames_per_block
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.run.seed)
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=m.num_attention_heads, attention_head_dim=m.attention_head_dim,
-            in_channels=m.latent_channels, out_channels=m.latent_channels, text_dim=m.text_dim, freq_dim=m.freq_dim,
-            ffn_dim=m.ffn_dim, num_layers=m.num_layers, rope_max_seq_len=max(1024, 2 * frames))
-    return model
-
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and info.world_size > 1:
-        return torch.device(f"cuda:{info.local_rank}")
-    return torch.device(name)
+from .rollout import GroupRollout, backward_through_replay, group_rollout, replay_energies
 
 
 def _finite_or_none(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None
+
+
+@dataclass
+class GroupData:
+    """One group of a step: its rollout, the values the updates of the step share, and where it came from.
+
+    advantages ``[G]`` (float64, CPU); reward ``[G + 1]`` the weighted whole-video reward of each sequence (anchor
+    last); energy_old / energy_ref ``[G, NB, K]`` the old and reference policies' energies, fixed for the step by
+    :meth:`Trainer._settle_energies` (None until settled; energy_ref stays None without a reference policy).
+    old_is_policy / ref_is_policy: those policies had the policy's weights when the step began.
+    """
+
+    rollout: GroupRollout
+    advantages: torch.Tensor
+    reward: torch.Tensor
+    fork: int
+    prompt_id: int
+    old_is_policy: bool
+    ref_is_policy: bool
+    energy_old: Optional[torch.Tensor] = None
+    energy_ref: Optional[torch.Tensor] = None
 
 
 class Trainer:
@@ -121,33 +82,23 @@ class Trainer:
             transformer = build_transformer(config)
             lora = add_configured_lora(transformer, config)
         self.transformer = transformer.to(self.device)
-        s = config.streaming
-        self.gen = StreamingWanGenerator(
-            self.transformer, StreamingConfig(frames_per_block=s.frames_per_block, sink_frames=s.sink_frames,
-                                              window_frames=s.window_frames, nearest_frames=s.nearest_frames,
-                                              timesteps=tuple(s.timesteps), shift=s.shift,
-                                              cache_frames=s.cache_frames, latent_height=config.rollout.latent_height,
-                                              latent_width=config.rollout.latent_width),
+        streaming = config.streaming
+        self.generator = StreamingWanGenerator(
+            self.transformer,
+            StreamingConfig(frames_per_block=streaming.frames_per_block, sink_frames=streaming.sink_frames,
+                            window_frames=streaming.window_frames, nearest_frames=streaming.nearest_frames,
+                            timesteps=tuple(streaming.timesteps), shift=streaming.shift,
+                            cache_frames=streaming.cache_frames, latent_height=config.rollout.latent_height,
+                            latent_width=config.rollout.latent_width),
             backend=config.model.backend)
-        tcfg = self.transformer.config
-        self.latent_shape = (tcfg.in_channels, config.rollout.latent_height, config.rollout.latent_width)
-
-        # Trainable parameters: those whose name contains one of model.trainable (the rest frozen); without that
-        # list, all of a model built here, or the requires_grad ones of a model passed in (e.g. LoRA adapters).
-        self.trainable = [] if lora is None else lora
-        for name, param in ([] if lora is not None else self.transformer.named_parameters()):
-            if config.model.trainable:
-                param.requires_grad_(any(key in name for key in config.model.trainable))
-            elif transformer is None:
-                param.requires_grad_(True)
-            if param.requires_grad:
-                self.trainable.append(param)
-        if not self.trainable:
-            raise ValueError(f"model.trainable={config.model.trainable} selects no parameter")
-
+        model_config = self.transformer.config
+        self.latent_shape = (model_config.in_channels, config.rollout.latent_height, config.rollout.latent_width)
+        # with LoRA (model.lora_rank) only the adapter trains
+        self.trainable = lora if lora is not None else self._select_trainable(own_model=transformer is None)
+        model_dtype = next(self.transformer.parameters()).dtype
         text_embeds, self.prompt_texts = (None, []) if prompt_embeds is not None else load_prompts(config, self.device)
-        self.prompts = self._prompts(prompt_embeds if prompt_embeds is not None else text_embeds, tcfg.text_dim).to(
-            self.device, next(self.transformer.parameters()).dtype)
+        self.prompts = self._prompts(prompt_embeds if prompt_embeds is not None else text_embeds,
+                                     model_config.text_dim).to(self.device, model_dtype)
         self.decoder = build_decoder(config, self.device)   # the Wan VAE of the pixel rewards and sample videos
         if reward_fn is None:
             reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed,
@@ -162,17 +113,18 @@ class Trainer:
         self.step_weights = (None if config.replay.step_weights is None
                              else torch.tensor(config.replay.step_weights, dtype=torch.float32))
 
-        o = config.optim
+        optim = config.optim
         # A bf16/fp16 model trains through fp32 master weights: AdamW steps (lr 1e-5 x O(1)) are mostly below
         # half a bf16 ulp of the weights and would round away. The model keeps the low-precision copy for the
         # forwards; the optimizer, its clipping and the EMA work on the fp32 masters.
-        self.master = ([p.detach().float().clone().requires_grad_() for p in self.trainable]
-                       if any(p.dtype != torch.float32 for p in self.trainable) else None)
+        self.master = ([param.detach().float().clone().requires_grad_() for param in self.trainable]
+                       if any(param.dtype != torch.float32 for param in self.trainable) else None)
         self.opt_params = self.master if self.master is not None else self.trainable
-        self.optimizer = torch.optim.AdamW(self.opt_params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        self.ema = [p.detach().clone() for p in self.opt_params] if o.ema_decay > 0 else None
-        self.old = [p.detach().clone() for p in self.trainable]
-        self.ref = [p.detach().clone() for p in self.trainable] if config.objective.beta != 0 else None
+        self.optimizer = torch.optim.AdamW(self.opt_params, lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay)
+        self.ema = [param.detach().clone() for param in self.opt_params] if optim.ema_decay > 0 else None
+        self.old = [param.detach().clone() for param in self.trainable]
+        self.ref = [param.detach().clone() for param in self.trainable] if config.objective.beta != 0 else None
         # Versions tell when the old / reference weights equal the policy's, which saves their replays.
         self.version = 0          # optimizer steps taken
         self.old_version = 0      # the version the old policy was copied from
@@ -182,13 +134,30 @@ class Trainer:
         self.checkpoint_path = os.path.join(config.run.output_dir, "checkpoint.pt")
 
     # ---------------------------------------------------------------------------------------------- set-up helpers
+    def _select_trainable(self, own_model: bool) -> List[torch.nn.Parameter]:
+        """Trainable parameters: those whose name contains one of model.trainable (the rest frozen); without that
+        list, all of a model built here, or the requires_grad ones of a model passed in (e.g. LoRA adapters)."""
+        keys = self.config.model.trainable
+        trainable = []
+        for name, param in self.transformer.named_parameters():
+            if keys:
+                param.requires_grad_(any(key in name for key in keys))
+            elif own_model:
+                param.requires_grad_(True)
+            if param.requires_grad:
+                trainable.append(param)
+        if not trainable:
+            raise ValueError(f"model.trainable={keys} selects no parameter")
+        return trainable
+
     def _prompts(self, prompt_embeds: Optional[torch.Tensor], text_dim: int) -> torch.Tensor:
-        r = self.config.rollout
-        if prompt_embeds is None and r.prompts_file is not None:
-            prompt_embeds = torch.load(r.prompts_file, map_location="cpu")
+        rollout_config = self.config.rollout
+        if prompt_embeds is None and rollout_config.prompts_file is not None:
+            prompt_embeds = torch.load(rollout_config.prompts_file, map_location="cpu")
         if prompt_embeds is None:
-            gen = torch.Generator().manual_seed(self.config.run.seed + 1)
-            prompt_embeds = torch.randn(r.num_prompts, r.prompt_length, text_dim, generator=gen)
+            rng = torch.Generator().manual_seed(self.config.run.seed + 1)
+            prompt_embeds = torch.randn(rollout_config.num_prompts, rollout_config.prompt_length, text_dim,
+                                        generator=rng)
         if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != text_dim:
             raise ValueError(f"prompt_embeds must be [P, L, {text_dim}], got {tuple(prompt_embeds.shape)}")
         return prompt_embeds
@@ -200,113 +169,143 @@ class Trainer:
             yield
             return
         with torch.no_grad():
-            for i, param in enumerate(self.trainable):
-                param.data, state[i] = state[i], param.data
+            for index, param in enumerate(self.trainable):
+                param.data, state[index] = state[index], param.data
         try:
             yield
         finally:
             with torch.no_grad():
-                for i, param in enumerate(self.trainable):
-                    param.data, state[i] = state[i], param.data
+                for index, param in enumerate(self.trainable):
+                    param.data, state[index] = state[index], param.data
 
     def _group_rng(self, group: int) -> torch.Generator:
         # Distinct, reproducible streams per (run seed, step, global group index): independent of rank count.
         return torch.Generator().manual_seed((self.config.run.seed * 1_000_003 + self.step * 10_007 + group) % 2**63)
 
     # ------------------------------------------------------------------------------------------------ one step
-    def _replay(self, rollout, *, grad: bool) -> torch.Tensor:
-        r, p = self.config.replay, self.config.rollout
-        blocks = rollout.perturbed_blocks if r.blocks == "perturbed" else p.num_blocks - rollout.fork_block
+    def _replay(self, rollout: GroupRollout, *, grad: bool) -> torch.Tensor:
+        replay, rollout_config = self.config.replay, self.config.rollout
+        blocks = (rollout.perturbed_blocks if replay.blocks == "perturbed"
+                  else rollout_config.num_blocks - rollout.fork_block)
         with torch.set_grad_enabled(grad):
-            return replay_energies(self.gen, rollout, num_blocks=blocks, grad_steps=r.grad_steps,
-                                   step_weights=self.step_weights, energy_scale=r.energy_scale,
-                                   backend=r.energy_backend)
+            return replay_energies(self.generator, rollout, num_blocks=blocks, grad_steps=replay.grad_steps,
+                                   step_weights=self.step_weights, energy_scale=replay.energy_scale,
+                                   backend=replay.energy_backend)
+
+    def _settle_energies(self, group: GroupData, policy_energy: Optional[torch.Tensor] = None) -> None:
+        """Fix the old and reference policies' energies of `group` for the whole step, replaying each only when it
+        differs from the policy's.
+
+        Called twice: right after the rollout (``policy_energy`` None, no graph alive) it replays the old policy
+        (the old weights are still in place: the caller runs it inside the rollout's weight swap) and the
+        reference policy when they are not the policy; in each update with the policy's replay, it takes the
+        energies of those equal to the policy from the step's FIRST update (the policy before any update of the
+        step), which costs no replay.
+        """
+        if policy_energy is None:
+            if not group.old_is_policy:
+                group.energy_old = self._replay(group.rollout, grad=False)
+            if self.ref is not None and not group.ref_is_policy:
+                with self._weights(self.ref):
+                    group.energy_ref = self._replay(group.rollout, grad=False)
+            return
+        if group.energy_old is None:
+            group.energy_old = policy_energy.detach()
+        if self.ref is not None and group.energy_ref is None:
+            group.energy_ref = policy_energy.detach()
+
+    def _roll_out_group(self, group_index: int, old_is_policy: bool) -> GroupData:
+        """Roll out one group with the old policy and score it: rewards, advantages, old/reference energies."""
+        config, rollout_config = self.config, self.config.rollout
+        rng = self._group_rng(group_index)
+        prompt_id = int(torch.randint(self.prompts.shape[0], (1,), generator=rng))
+        fork = int(torch.randint(rollout_config.fork_min, rollout_config.fork_max + 1, (1,), generator=rng))
+        with self._weights(None if old_is_policy else self.old):
+            rollout = group_rollout(self.generator, self.prompts[prompt_id:prompt_id + 1], prompt_id=prompt_id,
+                                    num_blocks=rollout_config.num_blocks, fork_block=fork,
+                                    perturbed_blocks=rollout_config.perturbed_blocks,
+                                    num_branches=rollout_config.num_branches, num_routed=config.num_routed(),
+                                    latent_shape=self.latent_shape, rng=rng, sampler=rollout_config.sampler)
+            ids = torch.full((rollout_config.num_branches + 1,), prompt_id, dtype=torch.long)
+            with torch.no_grad():  # one decode of the whole video serves the chunk's and the video's pixel rewards
+                local, whole = self.reward_fn.score_group(rollout.video(), fork * config.streaming.frames_per_block,
+                                                          ids)
+                local, whole = local.double(), whole.double()
+            objective = config.objective
+            advantages = anchor_relative_advantages(local, whole, self.component_weights,
+                                                    signal_weights=(objective.local_weight, objective.global_weight),
+                                                    clamp=objective.advantage_clamp)
+            group = GroupData(rollout=rollout, advantages=advantages, reward=(whole * self.component_weights).sum(1),
+                              fork=fork, prompt_id=prompt_id, old_is_policy=old_is_policy,
+                              ref_is_policy=self.version == 0)
+            self._settle_energies(group)
+        return group
 
     def train_step(self) -> Dict:
         """One optimizer step (or ``updates_per_rollout`` of them on one rollout); returns the step's metrics."""
-        cfg, start = self.config, time.time()
-        r = cfg.rollout
-        if self.rollouts % cfg.optim.old_sync_every == 0 and self.old_version != self.version:
+        config, start = self.config, time.time()
+        if self.rollouts % config.optim.old_sync_every == 0 and self.old_version != self.version:
             for old, param in zip(self.old, self.trainable):
                 old.copy_(param.detach())
             self.old_version = self.version
         old_is_policy = self.old_version == self.version
-        groups = local_groups(r.groups_per_step, self.dist)
-
-        data = []
-        for group in groups:
-            rng = self._group_rng(group)
-            prompt_id = int(torch.randint(self.prompts.shape[0], (1,), generator=rng))
-            fork = int(torch.randint(r.fork_min, r.fork_max + 1, (1,), generator=rng))
-            with self._weights(None if old_is_policy else self.old):
-                rollout = group_rollout(self.gen, self.prompts[prompt_id:prompt_id + 1], prompt_id=prompt_id,
-                                        num_blocks=r.num_blocks, fork_block=fork, perturbed_blocks=r.perturbed_blocks,
-                                        num_branches=r.num_branches, num_routed=cfg.num_routed(),
-                                        latent_shape=self.latent_shape, rng=rng, sampler=r.sampler)
-                energy_old = None if old_is_policy else self._replay(rollout, grad=False)
-            ids = torch.full((r.num_branches + 1,), prompt_id, dtype=torch.long)
-            with torch.no_grad():  # one decode of the whole video serves the chunk's and the video's pixel rewards
-                local, global_ = self.reward_fn.score_group(rollout.video(), fork * cfg.streaming.frames_per_block, ids)
-                local, global_ = local.double(), global_.double()
-            o = cfg.objective
-            advantages = anchor_relative_advantages(local, global_, self.component_weights,
-                                                    signal_weights=(o.local_weight, o.global_weight),
-                                                    clamp=o.advantage_clamp)
-            energy_ref = None
-            if self.ref is not None and self.version != 0:
-                with self._weights(self.ref):
-                    energy_ref = self._replay(rollout, grad=False)
-            data.append(dict(rollout=rollout, advantages=advantages, energy_old=energy_old, energy_ref=energy_ref,
-                             reward=(global_ * self.component_weights).sum(1), fork=fork))
+        groups = local_groups(config.rollout.groups_per_step, self.dist)
+        data = [self._roll_out_group(group_index, old_is_policy) for group_index in groups]
         self.rollouts += 1
 
-        for _ in range(cfg.optim.updates_per_rollout):
+        for _ in range(config.optim.updates_per_rollout):
             record = self._update(data)  # the step's metrics are those of its last update
         record.update(step=self.step + 1, time_s=time.time() - start, old_is_policy=old_is_policy,
                       local_groups=len(groups))
         self.step += 1
         return record
 
-    def _update(self, data: List[Dict]) -> Dict:
-        cfg = self.config
-        o, total_groups = cfg.objective, cfg.rollout.groups_per_step
+    def _update(self, data: List[GroupData]) -> Dict:
+        """One update on the step's groups: backward of every group's loss, then the gradient step."""
         self.transformer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = {key: 0.0 for key in ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "scale",
-                                     "reward_mean", "reward_anchor", "reward_best", "advantage_mean",
-                                     "advantage_abs", "energy_mean", "fork_block")}
-        for item in data:
-            rollout = item["rollout"]
-            tau = step_temperatures(rollout.sigmas.double()).to(self.device)
-            remat = cfg.replay.rematerialize
-            # Rematerialising: energies without a graph here, as a leaf that collects dLoss/dE for the second pass.
-            energy = self._replay(rollout, grad=False).requires_grad_() if remat else self._replay(rollout, grad=True)
-            logl = branch_log_likelihood(energy.double(), tau)
-            if item["energy_old"] is None:  # the old policy is the policy: its energies are this replay's, detached
-                item["energy_old"] = energy.detach()
-            logl_old = branch_log_likelihood(item["energy_old"].double(), tau)
-            if self.ref is not None and item["energy_ref"] is None:  # still the initial policy (first update)
-                item["energy_ref"] = energy.detach()
-            energy_ref = item["energy_ref"]
-            logl_ref = None if energy_ref is None else branch_log_likelihood(energy_ref.double(), tau)
-            terms = kvpo_loss(logl, logl_old, logl_ref, item["advantages"].to(self.device), clip_low=o.clip_low,
-                              clip_high=o.clip_high, beta=o.beta)
-            (terms.loss / total_groups).backward()
-            if remat:
-                rc = cfg.replay
-                backward_through_replay(self.gen, rollout, energy.grad, grad_steps=rc.grad_steps,
-                                        step_weights=self.step_weights, energy_scale=rc.energy_scale,
-                                        backend=rc.energy_backend)
-            reward = item["reward"]
-            for key, value in (("loss", terms.loss), ("policy_loss", terms.policy_loss), ("kl", terms.kl),
-                               ("clip_fraction", terms.clip_fraction), ("ratio_mean", terms.ratio_mean),
-                               ("entropy", terms.entropy), ("scale", terms.scale),
-                               ("reward_mean", reward.mean()), ("reward_anchor", reward[-1]),
-                               ("reward_best", reward[:-1].max()), ("advantage_mean", item["advantages"].mean()),
-                               ("advantage_abs", item["advantages"].abs().mean()), ("energy_mean", energy.mean())):
-                sums[key] += float(value.detach())
-            sums["fork_block"] += item["fork"]
+        sums = {key: 0.0 for key in AVERAGED_METRICS}
+        for group in data:
+            for key, value in self._group_loss(group).items():
+                sums[key] += value
+        return self._apply_gradients(sums)
 
+    def _group_loss(self, group: GroupData) -> Dict[str, float]:
+        """Backward of one group's loss / number of groups (gradients accumulate in .grad); its metric values."""
+        config, rollout = self.config, group.rollout
+        objective, replay = config.objective, config.replay
+        temperatures = step_temperatures(rollout.sigmas.double()).to(self.device)
+        # Rematerialising: energies without a graph here, as a leaf that collects dLoss/dE for the second pass.
+        energy = (self._replay(rollout, grad=False).requires_grad_() if replay.rematerialize
+                  else self._replay(rollout, grad=True))
+        self._settle_energies(group, energy)
+        logl = branch_log_likelihood(energy.double(), temperatures)
+        logl_old = branch_log_likelihood(group.energy_old.double(), temperatures)
+        logl_ref = (None if group.energy_ref is None
+                    else branch_log_likelihood(group.energy_ref.double(), temperatures))
+        advantages = group.advantages.to(self.device)
+        terms = kvpo_loss(logl, logl_old, logl_ref, advantages, clip_low=objective.clip_low,
+                          clip_high=objective.clip_high, beta=objective.beta)
+        (terms.loss / config.rollout.groups_per_step).backward()
+        if replay.rematerialize:
+            backward_through_replay(self.generator, rollout, energy.grad, grad_steps=replay.grad_steps,
+                                    step_weights=self.step_weights, energy_scale=replay.energy_scale,
+                                    backend=replay.energy_backend)
+        reward = group.reward
+        values = dict(loss=terms.loss, policy_loss=terms.policy_loss, kl=terms.kl, clip_fraction=terms.clip_fraction,
+                      ratio_mean=terms.ratio_mean, entropy=terms.entropy, scale=terms.scale,
+                      reward_mean=reward.mean(), reward_anchor=reward[-1], reward_best=reward[:-1].max(),
+                      advantage_mean=group.advantages.mean(), advantage_abs=group.advantages.abs().mean(),
+                      energy_mean=energy.mean())
+        metrics = {key: float(value.detach()) for key, value in values.items()}
+        metrics["fork_block"] = float(group.fork)
+        return metrics
+
+    def _apply_gradients(self, sums: Dict[str, float]) -> Dict:
+        """Sum gradients and metric sums over ranks, then clip and step AdamW (+ masters, EMA) unless non-finite.
+
+        Returns the update's record: the averaged metrics, grad_norm, lr and skipped (+ skip_reason)."""
+        optim, total_groups = self.config.optim, self.config.rollout.groups_per_step
         # Sum over ranks (each rank's loss was already divided by the global group count: this is the mean).
         for param in self.trainable:  # a parameter the loss does not reach still takes part in the all-reduce
             if param.grad is None:
@@ -314,12 +313,12 @@ class Trainer:
         if self.master is not None:
             for master, param in zip(self.master, self.trainable):
                 master.grad = param.grad.float()
-        all_reduce_sum_([p.grad for p in self.opt_params], self.dist)
+        all_reduce_sum_([param.grad for param in self.opt_params], self.dist)
         keys = list(sums)
-        totals = all_reduce_scalars([sums[k] for k in keys], self.dist, self.device)
-        record = {k: v / total_groups for k, v in zip(keys, totals)}
+        totals = all_reduce_scalars([sums[key] for key in keys], self.dist, self.device)
+        record = {key: total / total_groups for key, total in zip(keys, totals)}
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.opt_params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")))
+            self.opt_params, optim.grad_clip if optim.grad_clip > 0 else float("inf")))
         # Identical on every rank (all-reduced), so every rank takes the same decision.
         finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
         record.update(grad_norm=_finite_or_none(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
@@ -335,8 +334,9 @@ class Trainer:
                     for param, master in zip(self.trainable, self.master):
                         param.copy_(master)
                 if self.ema is not None:
-                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.opt_params], 1.0 - cfg.optim.ema_decay)
-        return {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
+                    torch._foreach_lerp_(self.ema, [param.detach() for param in self.opt_params],
+                                         1.0 - optim.ema_decay)
+        return {key: (_finite_or_none(value) if isinstance(value, float) else value) for key, value in record.items()}
 
     # ------------------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> Dict:
@@ -347,8 +347,8 @@ class Trainer:
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
         """The trainable weights by name: the frozen rest (a LoRA's base model) is rebuilt from its source."""
-        ids = {id(p) for p in self.trainable}
-        return {name: p.detach() for name, p in self.transformer.named_parameters() if id(p) in ids}
+        ids = {id(param) for param in self.trainable}
+        return {name: param.detach() for name, param in self.transformer.named_parameters() if id(param) in ids}
 
     def load_state_dict(self, state: Dict) -> None:
         mine = self._trainable_state()

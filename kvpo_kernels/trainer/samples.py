@@ -51,7 +51,7 @@ def write_samples(trainer, step: int) -> Dict[str, float]:
     cfg = trainer.config
     r = cfg.rollout
     rng = torch.Generator().manual_seed(cfg.run.seed + SAMPLE_SEED_OFFSET)
-    rollout = group_rollout(trainer.gen, trainer.prompts[:1], prompt_id=0, num_blocks=r.num_blocks,
+    rollout = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=r.num_blocks,
                             fork_block=r.fork_min, perturbed_blocks=r.perturbed_blocks, num_branches=r.num_branches,
                             num_routed=cfg.num_routed(), latent_shape=trainer.latent_shape, rng=rng,
                             sampler=r.sampler)
