@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("imageio_ffmpeg")
 
 from kvpo_kernels.integrations.diffusers import lora, text, vae as vae_module  # noqa: E402
-from kvpo_kernels.trainer import cli  # noqa: E402
+from kvpo_kernels.trainer import cli, eval as eval_cli  # noqa: E402
 from kvpo_kernels.trainer.config import load_config  # noqa: E402
 from kvpo_kernels.trainer.model import plan_memory  # noqa: E402
 from kvpo_kernels.trainer.rewards import CombinedReward  # noqa: E402
@@ -163,7 +163,7 @@ def _longlive_overrides(folders, run_dir, lora_file):
             f"reward.components=[{{name: clip, weight: 1.0, path: {folders['clip']}, num_frames: 3}}]",
             "streaming.frames_per_block=1", "streaming.sink_frames=1", "streaming.window_frames=5",
             "streaming.nearest_frames=2", "streaming.cache_frames=8", "rollout.num_blocks=8", "rollout.fork_min=5",
-            "rollout.fork_max=6", "rollout.perturbed_blocks=1", "rollout.num_branches=3",
+            "rollout.fork_max=6", "rollout.perturbed_blocks=1", "rollout.num_branches=2",
             "rollout.latent_height=8", "rollout.latent_width=8", "rollout.prompt_length=16", "run.steps=2",
             "run.sample_every=1", "run.checkpoint_every=0", "run.device=cpu", f"run.output_dir={run_dir}",
             "run.eval_prompts=2", "run.eval_seeds=[0]", "optim.lr=1e-3", "optim.ema_decay=0"] + FAST
@@ -177,7 +177,7 @@ def _run(module, args):
     return result.stdout
 
 
-def test_longlive_commands_end_to_end_on_a_tiny_wan_folder(folders, tmp_path):
+def test_longlive_commands_end_to_end_on_a_tiny_wan_folder(folders, tmp_path, monkeypatch, capsys):
     """kvpo-train --config configs/longlive_kvpo.yaml (LongLive lora.pt, UMT5 prompts, VAE-decoded CLIP reward,
     sample videos), then kvpo-eval, offline: the adapter loads back into a fresh model with diffusers, the mp4s
     decode with the right frames and size, the rewards are finite."""
@@ -219,5 +219,32 @@ def test_longlive_commands_end_to_end_on_a_tiny_wan_folder(folders, tmp_path):
                                    atol=1e-6)
         assert not torch.allclose(base(*tiny.tiny_inputs(), return_dict=False)[0], expected)  # it trained
 
-    table = _run("kvpo_kernels.trainer.eval", [str(run_dir)])
+    # kvpo-eval RUN_DIR (in process: a second interpreter start costs ~10 s on a loaded 2-core machine)
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    assert eval_cli.main([str(run_dir)]) == 0
+    table = capsys.readouterr().out
     assert "clip" in table and "weighted" in table and "(2 prompts, 2 videos" in table
+
+
+def test_custom_learned_reward_example_runs(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("custom_learned_reward",
+                                                  os.path.join(ROOT, "examples", "custom_learned_reward.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setenv("KVPO_BACKEND", "torch")
+    records = example.main(steps=1, output_dir=str(tmp_path))
+    assert math.isfinite(records[0]["reward_mean"])
+
+
+def test_kvpo_train_eval_only_prints_the_table(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    args = ["--preset", "tiny", "--output-dir", run, *[a for item in FAST + ["run.eval_prompts=2"]
+                                                       for a in ("--set", item)]]
+    assert cli.main([*args, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "--eval-only"]) == 0
+    table = capsys.readouterr().out
+    assert "brightness" in table and "(2 prompts, 4 videos" in table

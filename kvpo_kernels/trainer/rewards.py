@@ -5,22 +5,11 @@ of each sample (``[N]`` int64, into the trainer's prompt list) and returns ``[N,
 reward component (higher is better). The trainer calls it twice per group: on the perturbed chunk ("local") and on
 the whole video ("global"), with the anchor as the last sample.
 
-Wrapping a learned reward (HPSv3, VideoAlign, ...): decode latents with the VAE, then score frames with the model::
-
-    class HPSv3Reward:
-        names = ("hpsv3",)
-        def __init__(self, vae, scorer, prompts):        # e.g. diffusers AutoencoderKLWan + the HPSv3 inferencer
-            self.vae, self.scorer, self.prompts = vae, scorer, prompts
-        @torch.no_grad()
-        def __call__(self, latents, prompt_ids):
-            video = self.vae.decode(latents / self.vae.config.scaling_factor).sample   # [N, 3, T, H, W] in [-1, 1]
-            frames = video[:, :, :: video.shape[2] // 4]                              # a few frames per clip
-            scores = [self.scorer.reward([f for f in clip.unbind(1)], [self.prompts[p]] * clip.shape[1]).mean()
-                      for clip, p in zip(frames, prompt_ids.tolist())]
-            return torch.stack(scores).float().unsqueeze(1)                         # [N, 1]
-
-VideoAlign returns several heads (visual quality, motion quality, text alignment): return them as 3 components
-(``names = ("vq", "mq", "ta")``) and weight them with ``reward.weights`` in the config.
+Learned rewards score pixels: a component with ``input = "pixels"`` receives the VAE-decoded video instead
+(``[N, 3, T, H, W]`` in [-1, 1], decoded once per group for all such components). Built in: ``{name: clip, path:
+LOCAL_CLIP_FOLDER}`` (:class:`~kvpo_kernels.trainer.learned_rewards.ClipScoreReward`). Wrapping HPSv2 / HPSv3 /
+VideoAlign-style scorers: ``examples/custom_learned_reward.py`` (a runnable example); VideoAlign's several heads
+(visual quality, motion quality, text alignment) become several components (``names = ("vq", "mq", "ta")``).
 """
 from __future__ import annotations
 
