@@ -99,7 +99,8 @@ def test_exported_adapter_loads_with_diffusers_and_merges(tmp_path):
 
 
 def test_trainer_with_lora_trains_and_checkpoints_only_the_adapter(tmp_path):
-    config = load_config("tiny", overrides=FAST + [f"run.output_dir={tmp_path}", "model.lora_rank=4"])
+    config = load_config("tiny", overrides=FAST + [f"run.output_dir={tmp_path}", "model.lora_rank=4",
+                                                   "model.lora_export_merged=true"])
     trainer = Trainer(config)
     names = [n for n, p in trainer.transformer.named_parameters() if p.requires_grad]
     assert names and all(".lora_" in n for n in names)
@@ -111,6 +112,10 @@ def test_trainer_with_lora_trains_and_checkpoints_only_the_adapter(tmp_path):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert set(state["model"]) == set(names)
     assert (tmp_path / "lora" / lora.LORA_WEIGHTS_NAME).is_file()
+    from safetensors.torch import load_file
+
+    plain = WanTransformer3DModel.from_config(trainer.transformer.config)
+    plain.load_state_dict(load_file(tmp_path / "lora" / "merged_transformer.safetensors"), strict=True)
     resumed = Trainer(config)
     assert resumed.resume()
     for a, b in zip(resumed.trainable, trainer.trainable):

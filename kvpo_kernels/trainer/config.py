@@ -61,6 +61,8 @@ class ModelConfig:
     #                                          Linear of every transformer block
     lora_checkpoint: Optional[str] = None  # adapter to start from: LongLive lora.pt (CausalWan names, generator_lora
     #                                        entry) or a pytorch_lora_weights.safetensors written by kvpo-train
+    lora_export_merged: bool = False       # also write lora/merged_transformer.safetensors (base + adapter merged,
+    #                                        WanTransformer3DModel names) with each checkpoint
     text_encoder: Optional[str] = None     # UMT5 encoder folder (or Wan folder); null: model.pretrained's text_encoder/
     vae: Optional[str] = None              # AutoencoderKLWan folder (or Wan folder); null: model.pretrained's vae/
     offload: bool = False                  # keep the VAE and the reward models on the CPU between uses

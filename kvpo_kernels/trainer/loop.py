@@ -372,13 +372,17 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self, path: Optional[str] = None) -> None:
-        """The checkpoint and, with LoRA, the adapter in diffusers' format (``run.output_dir/lora/``)."""
+        """The checkpoint and, with LoRA, the adapter in diffusers' format (``run.output_dir/lora/``, + the merged
+        transformer with ``model.lora_export_merged``)."""
         if self.dist.is_main:
             save_checkpoint(path or self.checkpoint_path, self.state_dict())
             if self.config.model.lora_rank:
-                from ..integrations.diffusers.lora import save_lora_adapter
+                from ..integrations.diffusers.lora import save_lora_adapter, save_merged
 
-                save_lora_adapter(self.transformer, os.path.join(self.config.run.output_dir, "lora"))
+                directory = os.path.join(self.config.run.output_dir, "lora")
+                save_lora_adapter(self.transformer, directory)
+                if self.config.model.lora_export_merged:
+                    save_merged(self.transformer, os.path.join(directory, "merged_transformer.safetensors"))
         barrier(self.dist)
 
     def resume(self, path: Optional[str] = None) -> bool:

@@ -6,7 +6,8 @@
   possibly under ``generator_lora``) mapped to diffusers names and loaded into the adapter.
 - :func:`save_lora_adapter`: the adapter as ``pytorch_lora_weights.safetensors`` in the format of diffusers'
   ``WanPipeline.load_lora_weights`` / ``WanTransformer3DModel.load_lora_adapter`` (``transformer.`` prefix, with
-  rank/alpha metadata). :func:`merged_state_dict`: base + scale * B @ A, the plain model's names.
+  rank/alpha metadata). :func:`merged_state_dict` / :func:`save_merged`: base + scale * B @ A, the plain model's
+  names.
 """
 from __future__ import annotations
 
@@ -187,3 +188,11 @@ def merged_state_dict(transformer) -> Dict[str, torch.Tensor]:
         plain = key.replace(".base_layer.", ".")
         out[plain] = merged.get(plain, tensor)
     return out
+
+
+def save_merged(transformer, path: str) -> str:
+    """:func:`merged_state_dict` as a safetensors file (loads into a plain ``WanTransformer3DModel``)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in merged_state_dict(transformer).items()}, path)
+    return path
