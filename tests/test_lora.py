@@ -109,7 +109,9 @@ def test_trainer_with_lora_trains_and_checkpoints_only_the_adapter(tmp_path):
         assert sum(t.numel() for t in copies) == count
     assert sum(t.numel() for group in trainer.optimizer.param_groups for t in group["params"]) == count
     trainer.train(steps=1)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    from kvpo_kernels.trainer.checkpoint import list_checkpoints
+
+    state = torch.load(list_checkpoints(str(tmp_path))[-1], weights_only=False)
     assert set(state["model"]) == set(names)
     assert (tmp_path / "lora" / lora.LORA_WEIGHTS_NAME).is_file()
     from safetensors.torch import load_file

@@ -202,7 +202,9 @@ def test_longlive_commands_end_to_end_on_a_tiny_wan_folder(folders, tmp_path, mo
         frames = numpy.stack(imageio.mimread(run_dir / "samples" / f"step_{step:06d}.mp4", format="FFMPEG",
                                              memtest=False))
         assert frames.shape == (1 + 4 * (8 - 1), 8 * 8, 3 * 8 * 8, 3)     # anchor | best | worst, 29 frames
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    from kvpo_kernels.trainer.checkpoint import list_checkpoints
+
+    state = torch.load(list_checkpoints(str(run_dir))[-1], weights_only=False)
     assert set(state["model"]) and all(".lora_" in name for name in state["model"])
     # the exported adapter, loaded by diffusers into a fresh model, is the trained one
     fresh = WanTransformer3DModel.from_pretrained(folders["wan"], subfolder="transformer").eval()

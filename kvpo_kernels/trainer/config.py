@@ -12,10 +12,15 @@ Every field is documented by the comment on its line.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
+
+from .errors import InputTypeError, InputValueError
 
 
 @dataclass
@@ -33,7 +38,9 @@ class RunConfig:
     eval_prompts: int = 4                  # kvpo-eval / --eval-only: the first N prompts (0: all)
     eval_seeds: List[int] = field(default_factory=lambda: [0, 1])  # kvpo-eval: one video per prompt and seed
     cpu_threads: int = 1                   # kvpo-train on CPU: torch intra-op threads (0: torch's default). Small
-    #                                        models run fastest single-threaded; extra threads only add sync cost
+    #                                        models run fastest single-threaded; extra threads only add sync cost.
+    #                                        Only 1 is bitwise reproducible: another count changes the CPU matmul
+    #                                        summation order (the loss differs by ~1% at step 1 between 1 and 2)
 
 
 @dataclass
@@ -100,8 +107,7 @@ class RolloutConfig:
     num_prompts: int = 4                   # synthetic prompts (fixed random embeddings) when no prompt file is given
     prompt_length: int = 8                 # tokens per prompt: synthetic embeddings, or the UMT5 length of a .txt
     #                                        prompts file (Wan: 512)
-    prompts_file: Optional[str] = None     # .txt (one prompt a line, encoded by model.text_encoder) or .pt file with
-    #                                        precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
+    prompts_file: Optional[str] = None     # .pt file with precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
 
 
 @dataclass
@@ -164,48 +170,170 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
-        r, s = self.rollout, self.streaming
-        if not 0 <= r.fork_min <= r.fork_max:
-            raise ValueError(f"rollout.fork_min/fork_max: need 0 <= fork_min <= fork_max, got {r.fork_min}, {r.fork_max}")
-        if r.fork_max + r.perturbed_blocks > r.num_blocks:
-            raise ValueError(f"rollout.perturbed_blocks: fork_max + perturbed_blocks ({r.fork_max} + "
-                             f"{r.perturbed_blocks}) must be <= num_blocks ({r.num_blocks})")
-        if r.num_branches < 2:
-            raise ValueError(f"rollout.num_branches must be >= 2, got {r.num_branches}")
-        routed = self.num_routed()
-        for fork in (r.fork_min, r.fork_max):
-            pool = s.route_pool_size(fork, r.perturbed_blocks)
-            if pool <= routed:
-                raise ValueError(f"rollout.fork_min/fork_max: forking at block {fork} leaves an eligible pool of {pool}"
-                                 f" frames, not more than num_routed={routed}: the branches could not differ "
-                                 f"(fork later, or raise streaming.cache_frames)")
-        if r.sampler not in ("chr", "uniform"):
-            raise ValueError(f"rollout.sampler must be 'chr' or 'uniform', got {r.sampler!r}")
-        if self.replay.blocks not in ("perturbed", "chunk"):
-            raise ValueError(f"replay.blocks must be 'perturbed' or 'chunk', got {self.replay.blocks!r}")
-        steps = len(s.timesteps)
-        if not 1 <= self.replay.grad_steps <= steps:
-            raise ValueError(f"replay.grad_steps must be in [1, {steps}], got {self.replay.grad_steps}")
-        if self.replay.step_weights is not None and len(self.replay.step_weights) != steps:
-            raise ValueError(f"replay.step_weights needs {steps} entries (one per timestep)")
-        if self.model.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.model.dtype!r}")
-        if self.optim.updates_per_rollout < 1 or self.optim.old_sync_every < 1:
-            raise ValueError("optim.updates_per_rollout and optim.old_sync_every must be >= 1")
-        if self.model.lora_rank is not None and (isinstance(self.model.lora_rank, bool) or
-                                                 not isinstance(self.model.lora_rank, int) or self.model.lora_rank < 0):
-            raise ValueError(f"model.lora_rank must be an int >= 0 or null, got {self.model.lora_rank!r}")
-        if self.model.lora_checkpoint is not None and not self.model.lora_rank:
-            raise ValueError("model.lora_checkpoint needs model.lora_rank (the adapter's rank)")
-        if self.model.lora_rank and self.model.trainable:
-            raise ValueError("model.trainable and model.lora_rank exclude each other (with LoRA only the adapter trains)")
-        if self.reward.batch_size < 1 or self.run.sample_every < 0 or self.run.eval_prompts < 0:
-            raise ValueError("reward.batch_size must be >= 1, run.sample_every and run.eval_prompts >= 0")
-        if not self.run.eval_seeds:
-            raise ValueError("run.eval_seeds must hold at least one seed")
-        if not self.reward.components:
-            raise ValueError("reward.components must name at least one reward")
+        """Check every field's type (from its annotation) and range (RANGES), then the cross-field rules; raises
+        a one-line InputValueError / InputTypeError (ValueError / TypeError) naming the key."""
+        for section in dataclasses.fields(self):
+            instance = getattr(self, section.name)
+            hints = typing.get_type_hints(type(instance))
+            for item in dataclasses.fields(instance):
+                key, value = f"{section.name}.{item.name}", getattr(instance, item.name)
+                _check_type(key, value, hints[item.name])
+                if key in RANGES and value is not None:
+                    allowed, description = RANGES[key]
+                    if not allowed(value):
+                        raise InputValueError(f"{key}: must be {description}, got {value!r}")
+        self._check_cross_fields()
         return self
+
+    def _check_cross_fields(self) -> None:
+        rollout, streaming = self.rollout, self.streaming
+        if not rollout.fork_min <= rollout.fork_max:
+            raise InputValueError(f"rollout.fork_min/fork_max: need fork_min <= fork_max, got {rollout.fork_min}, "
+                                  f"{rollout.fork_max}")
+        if rollout.fork_max + rollout.perturbed_blocks > rollout.num_blocks:
+            raise InputValueError(f"rollout.perturbed_blocks: fork_max + perturbed_blocks ({rollout.fork_max} + "
+                                  f"{rollout.perturbed_blocks}) must be <= num_blocks ({rollout.num_blocks})")
+        routed = self.num_routed()
+        for fork in (rollout.fork_min, rollout.fork_max):
+            pool = streaming.route_pool_size(fork, rollout.perturbed_blocks)
+            if pool <= routed:
+                raise InputValueError(
+                    f"rollout.fork_min/fork_max: forking at block {fork} leaves an eligible pool of {pool} frames, "
+                    f"not more than num_routed={routed}: the branches could not differ (fork later, or raise "
+                    f"streaming.cache_frames)")
+        steps = len(streaming.timesteps)
+        if not 1 <= self.replay.grad_steps <= steps:
+            raise InputValueError(f"replay.grad_steps: must be in [1, {steps}] (one per timestep), got "
+                                  f"{self.replay.grad_steps}")
+        if self.replay.step_weights is not None and len(self.replay.step_weights) != steps:
+            raise InputValueError(f"replay.step_weights: needs {steps} entries (one per timestep), got "
+                                  f"{len(self.replay.step_weights)}")
+        if list(streaming.timesteps) != sorted(set(streaming.timesteps), reverse=True):
+            raise InputValueError(f"streaming.timesteps: must be strictly decreasing, got {streaming.timesteps}")
+        model = self.model
+        if model.lora_checkpoint is not None and not model.lora_rank:
+            raise InputValueError("model.lora_checkpoint: needs model.lora_rank (the adapter's rank)")
+        if model.lora_rank and model.trainable:
+            raise InputValueError("model.trainable: must be empty with model.lora_rank (only the adapter trains)")
+        for index, spec in enumerate(self.reward.components):
+            where = f"reward.components[{index}]"
+            if not isinstance(spec.get("name"), str):
+                raise InputValueError(f"{where}.name: must name a reward (a string), got {spec.get('name')!r}")
+            weight = spec.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise InputTypeError(f"{where}.weight: must be a finite number, got {weight!r}")
+
+
+def _describe(annotation, article: bool = True) -> str:
+    """What an annotation allows, in words: "an integer", "a list of 2 finite numbers or null", ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return " or ".join("null" if arg is type(None) else _describe(arg, article) for arg in args)
+    if origin in (tuple, list):
+        if origin is list or len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0], article=False)}s"
+        return f"a list of {len(args)} {_describe(args[0], article=False)}s"
+    noun = {int: "integer", float: "finite number", bool: "boolean (true/false)", str: "string", dict: "mapping",
+            Any: "value"}.get(origin or annotation, getattr(annotation, "__name__", str(annotation)))
+    if not article:
+        return noun.replace(" (true/false)", "")
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _type_ok(value, annotation) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Union:
+        return any(_type_ok(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:  # ints are numbers too; NaN / inf never are a meaningful setting
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+        return all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1])
+                                               for k, v in value.items())
+    raise TypeError(f"config annotation {annotation!r} has no type rule")  # a programming error, not input
+
+
+def _check_type(key: str, value, annotation) -> None:
+    if not _type_ok(value, annotation):
+        raise InputTypeError(f"{key}: must be {_describe(annotation)}, got {value!r}")
+
+
+def _at_least(minimum):
+    return (lambda value: value >= minimum), f">= {minimum}"
+
+
+def _each(check: Callable, description: str):
+    return (lambda values: len(values) > 0 and all(check(v) for v in values)), description
+
+
+def _one_of(*choices):
+    return (lambda value: value in choices), "one of " + ", ".join(choices)
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+# Ranges of the config fields, key -> (allowed(value), what is allowed). Types come from the annotations; a new
+# field is range-checked by adding its line here (None values of Optional fields are not range-checked).
+RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "run.steps": _at_least(1), "run.seed": _at_least(0), "run.checkpoint_every": _at_least(0),
+    "run.cpu_threads": _at_least(0), "run.output_dir": ((lambda value: value != ""), "a non-empty path"),
+    "run.device": ((lambda value: _DEVICE.fullmatch(value) is not None), "auto, cpu, cuda or cuda:N"),
+    "model.pretrained": ((lambda value: value != ""), "a path or hub id (or null)"),
+    "model.causal_checkpoint": ((lambda value: value != ""), "a checkpoint file (or null)"),
+    "model.dtype": _one_of("float32", "bfloat16", "float16"), "model.backend": _one_of(*_BACKENDS),
+    **{f"model.{name}": _at_least(1) for name in ("num_layers", "num_attention_heads", "attention_head_dim",
+                                                  "ffn_dim", "text_dim", "freq_dim", "latent_channels")},
+    "model.trainable": ((lambda values: all(v != "" for v in values)), "a list of non-empty name parts"),
+    **{f"streaming.{name}": _at_least(1) for name in ("frames_per_block", "window_frames", "nearest_frames",
+                                                      "cache_frames")},
+    "streaming.sink_frames": _at_least(0),
+    "streaming.timesteps": _each(lambda value: 0 < value <= 1000, "a non-empty list of integers in (0, 1000]"),
+    "streaming.shift": ((lambda value: value > 0), "> 0"),
+    **{f"rollout.{name}": _at_least(1) for name in ("num_blocks", "perturbed_blocks", "groups_per_step",
+                                                    "num_prompts", "prompt_length")},
+    "rollout.fork_min": _at_least(0), "rollout.fork_max": _at_least(0), "rollout.num_branches": _at_least(2),
+    "rollout.num_routed": _at_least(0), "rollout.sampler": _one_of("chr", "uniform"),
+    "rollout.latent_height": ((lambda value: value >= 2 and value % 2 == 0), "an even integer >= 2 (2x2 patches)"),
+    "rollout.latent_width": ((lambda value: value >= 2 and value % 2 == 0), "an even integer >= 2 (2x2 patches)"),
+    "rollout.prompts_file": ((lambda value: value.endswith((".pt", ".pth", ".txt"))),
+                             "a .txt file (one prompt a line) or a .pt file of embeddings (or null)"),
+    "model.lora_rank": _at_least(0), "model.lora_alpha": ((lambda value: value > 0), "> 0 (or null: = lora_rank)"),
+    "model.lora_dropout": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "model.lora_targets": ((lambda values: len(values) > 0 and all(v != "" for v in values)),
+                           "a non-empty list of block-relative Linear names (or null: every Linear)"),
+    **{f"model.{name}": ((lambda value: value != ""), "a local path (or null)")
+       for name in ("lora_checkpoint", "text_encoder", "vae")},
+    "reward.batch_size": _at_least(1), "run.sample_every": _at_least(0), "run.eval_prompts": _at_least(0),
+    "run.eval_seeds": _each(lambda value: value >= 0, "a non-empty list of seeds >= 0"),
+    "replay.grad_steps": _at_least(1), "replay.blocks": _one_of("perturbed", "chunk"),
+    "replay.step_weights": _each(lambda value: value >= 0, "a list of numbers >= 0 (or null)"),
+    "replay.energy_scale": ((lambda value: value > 0), "> 0"), "replay.energy_backend": _one_of(*_BACKENDS),
+    "objective.clip_low": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "objective.clip_high": ((lambda value: value > 0), "> 0"), "objective.beta": _at_least(0),
+    "objective.advantage_clamp": ((lambda value: value > 0), "> 0"),
+    "objective.local_weight": _at_least(0), "objective.global_weight": _at_least(0),
+    "reward.components": ((lambda value: len(value) > 0), "a non-empty list of {name: ..., weight: ...}"),
+    "optim.lr": ((lambda value: value > 0), "> 0"), "optim.weight_decay": _at_least(0),
+    "optim.betas": _each(lambda value: 0 <= value < 1, "two numbers in [0, 1)"),
+    "optim.grad_clip": _at_least(0), "optim.ema_decay": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "optim.updates_per_rollout": _at_least(1), "optim.old_sync_every": _at_least(1),
+}
 
 
 def _merge(instance, updates: Dict[str, Any], where: str):
@@ -214,11 +342,11 @@ def _merge(instance, updates: Dict[str, Any], where: str):
     changes = {}
     for key, value in updates.items():
         if key not in names:
-            raise ValueError(f"{where}{key}: unknown config key; known: {sorted(names)}")
+            raise InputValueError(f"{where}{key}: unknown config key; known: {sorted(names)}")
         current = getattr(instance, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"{where}{key}: expected a mapping, got {type(value).__name__}")
+                raise InputTypeError(f"{where}{key}: must be a mapping of its keys, got {value!r}")
             changes[key] = _merge(current, value, f"{where}{key}.")
         elif isinstance(current, tuple) and isinstance(value, list):
             changes[key] = tuple(value)
@@ -226,7 +354,7 @@ def _merge(instance, updates: Dict[str, Any], where: str):
             try:  # YAML 1.1 reads "1e-3" as a string
                 changes[key] = float(value)
             except ValueError:
-                raise ValueError(f"{where}{key}: expected a number, got {value!r}") from None
+                raise InputTypeError(f"{where}{key}: must be a finite number, got {value!r}") from None
         else:
             changes[key] = value
     return dataclasses.replace(instance, **changes)
@@ -260,23 +388,32 @@ def load_config(preset: Optional[str] = None, path: Optional[str] = None,
     ``section.key=value`` overrides (values parsed as YAML). Validated."""
     file_updates: Dict[str, Any] = {}
     if path is not None:
-        with open(path) as handle:
-            file_updates = yaml.safe_load(handle) or {}
+        try:
+            with open(path) as handle:
+                file_updates = yaml.safe_load(handle) or {}
+        except OSError as error:
+            raise InputValueError(f"--config {path}: cannot read the config file ({error.strerror})") from None
+        except yaml.YAMLError as error:
+            raise InputValueError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(file_updates, dict):
-            raise ValueError(f"{path}: the config file must hold a mapping of sections")
+            raise InputValueError(f"--config {path}: the config file must hold a mapping of sections")
         preset = file_updates.pop("preset", preset)
     config = TrainConfig()
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+            raise InputValueError(f"preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
         config = _merge(config, PRESETS[preset], "")
     config = _merge(config, file_updates, "")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
-            raise ValueError(f"--set {item!r}: expected section.key=value")
+            raise InputValueError(f"--set {item!r}: expected section.key=value")
         section, name = key.split(".", 1)
-        config = _merge(config, {section: {name: yaml.safe_load(raw)}}, "")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise InputValueError(f"--set {item!r}: the value is not valid YAML") from None
+        config = _merge(config, {section: {name: value}}, "")
     return config.validate()
 
 
@@ -291,3 +428,32 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
+
+
+# Keys that may differ between a checkpoint's config and the resuming run's without --allow-config-change: they
+# change how long / where / how visibly the run goes, or the kernel backend, not what is trained.
+RESUMABLE = frozenset({"run.steps", "run.checkpoint_every", "run.progress", "run.plot", "run.resume",
+                       "run.output_dir", "run.device", "run.cpu_threads", "model.backend", "replay.energy_backend",
+                       "model.gradient_checkpointing", "run.sample_every", "run.eval_prompts", "run.eval_seeds",
+                       "model.offload", "reward.batch_size", "model.lora_export_merged"})
+# Keys that define the trained state itself (geometry, dtype, which parameters train): never changed on resume.
+FIXED_ON_RESUME = frozenset({f"model.{name}" for name in (
+    "pretrained", "subfolder", "dtype", "num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim",
+    "text_dim", "freq_dim", "latent_channels", "trainable", "lora_rank", "lora_alpha", "lora_targets")})
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix:  # sections; their fields' values (lists, dicts) stay whole
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """``{"section.key": (old value, new value)}`` for every key whose value differs (plain dicts of to_dict)."""
+    old_flat, new_flat = _flatten(_plain(old)), _flatten(_plain(new))
+    return {key: (old_flat.get(key), new_flat.get(key)) for key in sorted(set(old_flat) | set(new_flat))
+            if old_flat.get(key) != new_flat.get(key)}

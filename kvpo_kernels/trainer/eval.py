@@ -2,8 +2,8 @@
 
 Reads ``RUN_DIR/config.yaml`` (written by kvpo-train), builds the model as the run did (its initial weights: the base
 model plus ``model.lora_checkpoint`` or a zero LoRA), generates one video per prompt (the first ``run.eval_prompts``)
-and seed (``run.eval_seeds``) and scores it with the run's rewards; then loads ``RUN_DIR/checkpoint.pt`` and does the
-same. Prints the mean reward per component and the weighted total, with the number of prompts and videos.
+and seed (``run.eval_seeds``) and scores it with the run's rewards; then loads the run's newest checkpoint and does
+the same. Prints the mean reward per component and the weighted total, with the number of prompts and videos.
 """
 from __future__ import annotations
 
@@ -42,18 +42,18 @@ def evaluate(trainer) -> Dict[str, float]:
 
 def evaluate_run(run_dir: str, overrides: Sequence[str] = ()) -> Dict[str, Dict[str, float]]:
     """``{"initial": scores, "trained": scores}`` of the run in ``run_dir`` (see the module docstring)."""
+    from .checkpoint import list_checkpoints
     from .config import load_config
+    from .errors import InputValueError
     from .loop import Trainer
 
     config_path = os.path.join(run_dir, "config.yaml")
-    checkpoint = os.path.join(run_dir, "checkpoint.pt")
-    for path in (config_path, checkpoint):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"RUN_DIR: no {os.path.basename(path)} in {run_dir!r} (a kvpo-train output dir)")
+    if not os.path.isfile(config_path) or not list_checkpoints(run_dir):
+        raise InputValueError(f"RUN_DIR: {run_dir!r} holds no config.yaml and checkpoint (a kvpo-train output dir)")
     config = load_config(path=config_path, overrides=[f"run.output_dir={run_dir}", *overrides])
     trainer = Trainer(config)
     results = {"initial": evaluate(trainer)}
-    trainer.resume(checkpoint)
+    trainer.resume()
     results["trained"] = evaluate(trainer)
     return results
 
@@ -77,7 +77,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a field of the run's config, e.g. --set run.eval_prompts=8")
     args = parser.parse_args(argv)
-    print(format_table(evaluate_run(args.run_dir, args.overrides)), flush=True)
+    from .errors import InputError
+
+    try:
+        print(format_table(evaluate_run(args.run_dir, args.overrides)), flush=True)
+    except InputError as error:
+        print(f"kvpo-eval: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

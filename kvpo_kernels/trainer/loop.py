@@ -27,8 +27,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, save_config
+from .checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, remove_leftovers,
+                         save_checkpoint)
+from .config import FIXED_ON_RESUME, RESUMABLE, TrainConfig, _plain, config_differences, save_config
+from .errors import InputTypeError, InputValueError
 from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier, local_groups
 from .metrics import AVERAGED_METRICS
 from .model import add_configured_lora, build_decoder, build_transformer, load_prompts, resolve_device
@@ -39,6 +41,36 @@ from .rollout import GroupRollout, backward_through_replay, group_rollout, repla
 
 def _finite_or_none(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None
+
+
+def _load_prompts(path: str, where: str):
+    if not os.path.isfile(path):
+        raise InputValueError(f"{where}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputValueError(f"{where}: not a torch file holding a tensor [P, L, text_dim] "
+                              f"({type(error).__name__})") from None
+
+
+def _check_reward_fn(reward_fn) -> None:
+    names = getattr(reward_fn, "names", None)
+    if not callable(reward_fn) or not isinstance(names, (tuple, list)) or not names \
+            or not all(isinstance(name, str) for name in names):
+        raise InputTypeError("reward_fn: must be callable(latents, prompt_ids) -> [N, len(names)] and have a "
+                             f".names tuple of component names (see RewardFn), got {type(reward_fn).__name__} "
+                             f"with names={names!r}")
+
+
+def _check_rewards(scores, reward_fn, rows: int) -> torch.Tensor:
+    expected = (rows, len(reward_fn.names))
+    if not isinstance(scores, torch.Tensor):
+        raise InputTypeError(f"reward_fn: must return a tensor {list(expected)} (samples x names), got a "
+                             f"{type(scores).__name__}")
+    if tuple(scores.shape) != expected:
+        raise InputValueError(f"reward_fn: must return [samples, len(names)] = {list(expected)} "
+                              f"(names={tuple(reward_fn.names)}), got {list(scores.shape)}")
+    return scores.double().cpu()
 
 
 @dataclass
@@ -71,10 +103,25 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, *, transformer=None, reward_fn: Optional[RewardFn] = None,
-                 prompt_embeds: Optional[torch.Tensor] = None, dist: Optional[DistInfo] = None):
+                 prompt_embeds: Optional[torch.Tensor] = None, dist: Optional[DistInfo] = None,
+                 allow_config_change: bool = False):
         from ..integrations.diffusers import StreamingConfig, StreamingWanGenerator
 
+        # Every input is checked before the model is built (minutes and GBs at 1.3B).
         self.config = config.validate()
+        self.allow_config_change = allow_config_change
+        self.resumed_from: Optional[str] = None
+        model_section = config.model
+        if transformer is None and model_section.pretrained is None and model_section.causal_checkpoint is not None:
+            if not os.path.isfile(model_section.causal_checkpoint):
+                raise InputValueError(f"model.causal_checkpoint: no checkpoint file {model_section.causal_checkpoint}")
+        known_width = model_section.text_dim if transformer is None and model_section.pretrained is None else None
+        # a .txt prompts file: encoded (or read from the run's cache) before the transformer is built, the encoder freed
+        text_embeds, self.prompt_texts = ((None, []) if prompt_embeds is not None else
+                                          load_prompts(config, resolve_device(config.run.device, dist or DistInfo())))
+        prompts = self._prompts(prompt_embeds if prompt_embeds is not None else text_embeds, known_width)
+        if reward_fn is not None:
+            _check_reward_fn(reward_fn)
         self.dist = dist or DistInfo()
         self.device = resolve_device(config.run.device, self.dist)
         lora = None
@@ -96,9 +143,7 @@ class Trainer:
         # with LoRA (model.lora_rank) only the adapter trains
         self.trainable = lora if lora is not None else self._select_trainable(own_model=transformer is None)
         model_dtype = next(self.transformer.parameters()).dtype
-        text_embeds, self.prompt_texts = (None, []) if prompt_embeds is not None else load_prompts(config, self.device)
-        self.prompts = self._prompts(prompt_embeds if prompt_embeds is not None else text_embeds,
-                                     model_config.text_dim).to(self.device, model_dtype)
+        self.prompts = self._check_prompt_width(prompts, model_config.text_dim).to(self.device, model_dtype)
         self.decoder = build_decoder(config, self.device)   # the Wan VAE of the pixel rewards and sample videos
         if reward_fn is None:
             reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed,
@@ -131,7 +176,6 @@ class Trainer:
         self.step = 0             # train steps done (skipped ones included: their rollouts were consumed)
         self.rollouts = 0         # rollouts done (old-policy sync counter)
         self.metrics_path = os.path.join(config.run.output_dir, "metrics.jsonl")
-        self.checkpoint_path = os.path.join(config.run.output_dir, "checkpoint.pt")
 
     # ---------------------------------------------------------------------------------------------- set-up helpers
     def _select_trainable(self, own_model: bool) -> List[torch.nn.Parameter]:
@@ -150,16 +194,33 @@ class Trainer:
             raise ValueError(f"model.trainable={keys} selects no parameter")
         return trainable
 
-    def _prompts(self, prompt_embeds: Optional[torch.Tensor], text_dim: int) -> torch.Tensor:
+    def _prompts(self, prompt_embeds: Optional[torch.Tensor], text_dim: Optional[int]) -> torch.Tensor:
+        """The prompt embeddings ``[P, L, text_dim]`` (argument, rollout.prompts_file or seeded random), checked;
+        `text_dim` None: the width is checked once the model is built."""
         rollout_config = self.config.rollout
+        where = "prompt_embeds"
         if prompt_embeds is None and rollout_config.prompts_file is not None:
-            prompt_embeds = torch.load(rollout_config.prompts_file, map_location="cpu")
+            where = f"rollout.prompts_file {rollout_config.prompts_file}"
+            prompt_embeds = _load_prompts(rollout_config.prompts_file, where)
         if prompt_embeds is None:
             rng = torch.Generator().manual_seed(self.config.run.seed + 1)
-            prompt_embeds = torch.randn(rollout_config.num_prompts, rollout_config.prompt_length, text_dim,
-                                        generator=rng)
-        if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != text_dim:
-            raise ValueError(f"prompt_embeds must be [P, L, {text_dim}], got {tuple(prompt_embeds.shape)}")
+            return torch.randn(rollout_config.num_prompts, rollout_config.prompt_length,
+                               self.config.model.text_dim, generator=rng)
+        if not isinstance(prompt_embeds, torch.Tensor):
+            raise InputTypeError(f"{where}: must hold a tensor [P, L, text_dim], got a {type(prompt_embeds).__name__}")
+        if prompt_embeds.dim() != 3 or 0 in prompt_embeds.shape or not prompt_embeds.is_floating_point():
+            raise InputValueError(f"{where}: must be a float tensor [P, L, text_dim] with P, L >= 1, got "
+                                  f"{prompt_embeds.dtype} {tuple(prompt_embeds.shape)}")
+        if not torch.isfinite(prompt_embeds).all():
+            raise InputValueError(f"{where}: holds non-finite values (NaN / inf)")
+        self._prompts_where = where
+        return prompt_embeds if text_dim is None else self._check_prompt_width(prompt_embeds, text_dim)
+
+    def _check_prompt_width(self, prompt_embeds: torch.Tensor, text_dim: int) -> torch.Tensor:
+        if prompt_embeds.shape[-1] != text_dim:
+            where = getattr(self, "_prompts_where", "prompt_embeds")
+            raise InputValueError(f"{where}: embeddings must be {text_dim} wide (the model's text_dim), got "
+                                  f"{tuple(prompt_embeds.shape)}")
         return prompt_embeds
 
     @contextmanager
@@ -228,9 +289,8 @@ class Trainer:
                                     latent_shape=self.latent_shape, rng=rng, sampler=rollout_config.sampler)
             ids = torch.full((rollout_config.num_branches + 1,), prompt_id, dtype=torch.long)
             with torch.no_grad():  # one decode of the whole video serves the chunk's and the video's pixel rewards
-                local, whole = self.reward_fn.score_group(rollout.video(), fork * config.streaming.frames_per_block,
-                                                          ids)
-                local, whole = local.double(), whole.double()
+                local, whole = (_check_rewards(scores, self.reward_fn, len(ids)) for scores in self.reward_fn.score_group(
+                    rollout.video(), fork * config.streaming.frames_per_block, ids))
             objective = config.objective
             advantages = anchor_relative_advantages(local, whole, self.component_weights,
                                                     signal_weights=(objective.local_weight, objective.global_weight),
@@ -253,12 +313,44 @@ class Trainer:
         data = [self._roll_out_group(group_index, old_is_policy) for group_index in groups]
         self.rollouts += 1
 
-        for _ in range(config.optim.updates_per_rollout):
+        updates = config.optim.updates_per_rollout
+        # A non-finite update skips the whole step: with several updates per rollout, the earlier ones are undone
+        # from a snapshot (copies of the optimized weights, AdamW state and EMA: memory of ~4 copies of the
+        # trainable weights while it lives; none is taken for one update, which is checked before it applies).
+        snapshot = self._snapshot() if updates > 1 else None
+        for update in range(updates):
             record = self._update(data)  # the step's metrics are those of its last update
+            if record["skipped"]:
+                if update > 0:
+                    self._restore(snapshot)
+                    record["skip_reason"] += f" in update {update + 1} of {updates} (updates 1-{update} undone)"
+                break
         record.update(step=self.step + 1, time_s=time.time() - start, old_is_policy=old_is_policy,
                       local_groups=len(groups))
         self.step += 1
         return record
+
+    def _snapshot(self) -> Dict:
+        clone = lambda tensors: None if tensors is None else [tensor.detach().clone() for tensor in tensors]
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state["state"] = {index: {key: value.clone() if torch.is_tensor(value) else value
+                                            for key, value in state.items()}
+                                    for index, state in optimizer_state["state"].items()}
+        return {"weights": clone(self.opt_params), "optimizer": optimizer_state, "ema": clone(self.ema),
+                "version": self.version}
+
+    def _restore(self, snapshot: Dict) -> None:
+        """Put back the weights, AdamW state, EMA and version of `snapshot` (the step's start)."""
+        with torch.no_grad():
+            for param, saved in zip(self.opt_params, snapshot["weights"]):
+                param.copy_(saved)
+            if self.master is not None:
+                for param, master in zip(self.trainable, self.master):
+                    param.copy_(master)
+            for ema, saved in zip(self.ema or [], snapshot["ema"] or []):
+                ema.copy_(saved)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.version = snapshot["version"]
 
     def _update(self, data: List[GroupData]) -> Dict:
         """One update on the step's groups: backward of every group's loss, then the gradient step."""
@@ -342,40 +434,52 @@ class Trainer:
     def state_dict(self) -> Dict:
         return {"step": self.step, "rollouts": self.rollouts, "version": self.version, "old_version": self.old_version,
                 "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                "master": self.master, "ema": self.ema, "old": self.old, "ref": self.ref, "rng": rng_state(),
-                "config": self.config.to_dict()}
+                "master": self.master, "ema": self.ema, "old": self.old, "ref": self.ref,
+                "config": _plain(self.config.to_dict())}
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
         """The trainable weights by name: the frozen rest (a LoRA's base model) is rebuilt from its source."""
         ids = {id(param) for param in self.trainable}
         return {name: param.detach() for name, param in self.transformer.named_parameters() if id(param) in ids}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: Dict, where: str = "checkpoint") -> None:
         mine = self._trainable_state()
         if set(state["model"]) != set(mine):
-            raise ValueError(f"checkpoint: its weights are not this config's trainable ones (e.g. LoRA on/off or "
-                             f"other targets): {sorted(set(state['model']) ^ set(mine))[:4]}")
-        with torch.no_grad():
-            for name, tensor in state["model"].items():
-                mine[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+            raise InputValueError(f"{where}: its weights are not this config's trainable ones (LoRA on/off, other "
+                                  f"lora_targets or model.trainable): {sorted(set(state['model']) ^ set(mine))[:4]}")
+        try:
+            with torch.no_grad():
+                for name, tensor in state["model"].items():
+                    mine[name].copy_(tensor)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as error:  # shapes / parameter count of another geometry or selection
+            raise InputValueError(f"{where}: does not fit this model ({' '.join(str(error).split())[:300]}); "
+                                  "model geometry and model.trainable must match the checkpoint's") from None
         for name in ("master", "ema", "old", "ref"):
             mine, saved = getattr(self, name), state[name]
             if (mine is None) != (saved is None):
-                raise ValueError(f"checkpoint: {name} state present in only one of the checkpoint and the config")
+                raise InputValueError(f"{where}: {name} state present in only one of the checkpoint and the config "
+                                      "(optim.ema_decay / objective.beta switched on or off)")
             if mine is not None:
                 with torch.no_grad():
                     for dst, src in zip(mine, saved):
                         dst.copy_(src)
+        # The optimizer's hyper-parameters come from the config, not the checkpoint: an allowed config change
+        # (allow_config_change) is applied for real.
+        optim = self.config.optim
+        for param_group in self.optimizer.param_groups:
+            param_group.update(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         self.step, self.rollouts = state["step"], state["rollouts"]
         self.version, self.old_version = state["version"], state["old_version"]
-        set_rng_state(state["rng"])
 
     def save(self, path: Optional[str] = None) -> None:
-        """The checkpoint and, with LoRA, the adapter in diffusers' format (``run.output_dir/lora/``, + the merged
-        transformer with ``model.lora_export_merged``)."""
+        """Write the training state to `path` (default: output_dir/checkpoint-<step>.pt), keeping the newest two;
+        with LoRA also the adapter in diffusers' format (``output_dir/lora/``, + the merged transformer with
+        ``model.lora_export_merged``)."""
         if self.dist.is_main:
-            save_checkpoint(path or self.checkpoint_path, self.state_dict())
+            save_checkpoint(path or checkpoint_path(self.config.run.output_dir, self.step), self.state_dict())
+            if path is None:
+                prune_checkpoints(self.config.run.output_dir)
             if self.config.model.lora_rank:
                 from ..integrations.diffusers.lora import save_lora_adapter, save_merged
 
@@ -386,13 +490,32 @@ class Trainer:
         barrier(self.dist)
 
     def resume(self, path: Optional[str] = None) -> bool:
-        path = path or self.checkpoint_path
-        if not os.path.exists(path):
+        """Load `path` (default: the newest checkpoint of output_dir); False when there is none.
+
+        The checkpoint's config must equal this one except in RESUMABLE keys; other differences raise, listing
+        them, unless ``allow_config_change`` (then they are applied and logged as a ``config_change`` row)."""
+        found = list_checkpoints(self.config.run.output_dir)
+        if path is None and not found:
             return False
-        # Loaded on the CPU: the RNG states must be CPU tensors (torch.set_rng_state rejects CUDA ones), and
-        # load_state_dict / copy_ move the rest to the live tensors' device without a second copy of the whole
-        # training state (model, optimizer, masters, EMA, old and reference weights) in GPU memory.
-        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
+        path = path or found[-1]
+        previous = next((other for other in reversed(found) if other != path), None)
+        # Loaded on the CPU: load_state_dict / copy_ move the tensors to the live ones' device without a second
+        # copy of the whole training state (model, optimizer, masters, EMA, old and reference weights) on the GPU.
+        state = load_checkpoint(path, map_location="cpu", previous=previous)
+        changes = config_differences(state["config"], _plain(self.config.to_dict()))
+        fixed = {key: change for key, change in changes.items() if key in FIXED_ON_RESUME}
+        other = {key: change for key, change in changes.items() if key not in RESUMABLE and key not in fixed}
+        if fixed or (other and not self.allow_config_change):
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in {**fixed, **other}.items())
+            hint = ("these define the trained state and cannot change on resume" if fixed else
+                    "pass --allow-config-change (allow_config_change=True) to apply them")
+            raise InputValueError(f"resume from {path}: the config differs from the checkpoint's: {listed}; {hint}, "
+                                  "or --fresh to start over")
+        self.load_state_dict(state, where=f"checkpoint {path}")
+        self.resumed_from = path
+        if other:
+            self._log({"event": "config_change", "at_step": self.step,
+                       "changes": {key: list(change) for key, change in other.items()}})
         return True
 
     # -------------------------------------------------------------------------------------------------- the run
@@ -408,24 +531,50 @@ class Trainer:
 
             record.update(write_samples(self, self.step))
 
+    def _prepare_output_dir(self) -> List[str]:
+        """Remove what a killed save left; without run.resume, move an earlier run's files aside (never mixed).
+        Returns the names of the removed leftovers."""
+        output_dir = self.config.run.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        leftovers = remove_leftovers(output_dir)
+        if not self.config.run.resume:
+            earlier = [os.path.join(output_dir, name) for name in ("metrics.jsonl", "config.yaml", "metrics.png")]
+            earlier = [path for path in earlier if os.path.exists(path)]
+            earlier += [path for checkpoint in list_checkpoints(output_dir) for path in (checkpoint,
+                                                                                      checkpoint + ".sha256")]
+            if earlier:
+                aside = os.path.join(output_dir, time.strftime("previous-%Y%m%dT%H%M%S", time.gmtime()))
+                os.makedirs(aside, exist_ok=False)
+                for path in earlier:
+                    os.replace(path, os.path.join(aside, os.path.basename(path)))
+        return leftovers
+
     def train(self, steps: Optional[int] = None, callback: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
-        """Run until ``steps`` (default run.steps) train steps are done; returns this call's step records."""
-        cfg = self.config
-        total = cfg.run.steps if steps is None else steps
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
-        resumed = cfg.run.resume and self.resume()
+        """Run until ``steps`` (default run.steps) train steps are done; returns this call's step records.
+
+        Resumes from the newest checkpoint (run.resume), and metrics.jsonl is made to match it: rows of steps after
+        the checkpoint are dropped, then written again as those steps are redone, so each step has one row."""
+        config = self.config
+        total = config.run.steps if steps is None else steps
+        leftovers = self._prepare_output_dir() if self.dist.is_main else []
+        barrier(self.dist)
+        resumed = config.run.resume and self.resume()
         if self.dist.is_main:
-            save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
-        self._log({"event": "start", "resumed_at": self.step if resumed else None,
-                   "world_size": self.dist.world_size, "device": str(self.device)})
+            truncate_metrics(self.metrics_path, self.step)
+            save_config(config, os.path.join(config.run.output_dir, "config.yaml"))
+            if resumed:
+                print(f"kvpo-train: resumed from step {self.step} of {total} ({self.resumed_from})", flush=True)
+        self._log({"event": "start", "resumed_at": self.step if resumed else None, "of_steps": total,
+                   "removed_leftovers": leftovers, "world_size": self.dist.world_size, "device": str(self.device)})
         records = []
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=min(self.step, total), desc="kvpo-train", unit="step",
-                   disable=not (cfg.run.progress and self.dist.is_main), dynamic_ncols=True)
+                   disable=not (config.run.progress and self.dist.is_main), dynamic_ncols=True)
+        every = config.run.checkpoint_every
         while self.step < total:
             record = self.train_step()
-            if cfg.run.sample_every and (self.step % cfg.run.sample_every == 0 or self.step == total):
+            if config.run.sample_every and (self.step % config.run.sample_every == 0 or self.step == total):
                 self._sample(record)
             records.append(record)
             self._log(record)
@@ -435,11 +584,32 @@ class Trainer:
             bar.set_postfix(reward=f"{record['reward_mean']:.4f}" if record["reward_mean"] is not None else "nan",
                             loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan",
                             **({"skipped": "yes"} if record["skipped"] else {}))
-            # A skipped step never writes a checkpoint (and left the state as it was before the step).
-            every = cfg.run.checkpoint_every
-            if every and self.step % every == 0 and not record["skipped"]:
+            # A skipped step left the weights, optimizer, EMA and version as they were: its checkpoint is the
+            # state before it with the step counted (its rollout was consumed), so saving it loses nothing.
+            if every and self.step % every == 0:
                 self.save()
         bar.close()
-        if records and not records[-1]["skipped"]:
+        if records and not (every and self.step % every == 0):
             self.save()
         return records
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the step rows of steps after `step` (and a torn last line) from metrics.jsonl, atomically."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row cut short by a kill
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(json.dumps(row) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.writelines(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

@@ -12,6 +12,7 @@ import torch
 
 from .config import TrainConfig
 from .distributed import DistInfo
+from .errors import InputValueError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,7 +124,7 @@ def load_prompts(config: TrainConfig, device) -> Tuple[Optional[torch.Tensor], L
     texts = read_prompts_file(path)
     encoder = _component_path(config, config.model.text_encoder, "text_encoder")
     if encoder is None:
-        raise ValueError("rollout.prompts_file: a .txt prompts file needs the UMT5 text encoder: set "
+        raise InputValueError("rollout.prompts_file: a .txt prompts file needs the UMT5 text encoder: set "
                          "model.text_encoder (or model.pretrained to a Wan folder with text_encoder/ and tokenizer/)")
     dtype = torch.bfloat16 if config.model.dtype == "bfloat16" and torch.device(device).type == "cuda" else torch.float32
     embeds = cached_prompt_embeds(texts, encoder, os.path.join(config.run.output_dir, "prompt_cache"), device=device,
@@ -234,5 +235,5 @@ def check_startup(config: TrainConfig, device: torch.device, plan: MemoryPlan) -
         missing.append(f"a GPU: run.device resolves to {device}, a {plan.params / 1e9:.2f}B-parameter model needs "
                        "CUDA")
     if missing:
-        raise ValueError(f"kvpo-train: refusing to start a {plan.params / 1e9:.2f}B-parameter run; missing:\n  - " +
+        raise InputValueError(f"kvpo-train: refusing to start a {plan.params / 1e9:.2f}B-parameter run; missing:\n  - " +
                          "\n  - ".join(missing))

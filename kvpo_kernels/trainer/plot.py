@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 from .metrics import AVERAGED_METRICS
@@ -13,16 +15,18 @@ PANELS = tuple((key, label) for key, label in (("reward_mean", "reward (group me
 
 
 def read_metrics(path: str) -> List[Dict]:
-    """The step records of a metrics.jsonl file (one JSON object a line; other record kinds are skipped)."""
-    records = []
+    """The step records of a metrics.jsonl file, in step order, one per step (the last row of a step wins; other
+    record kinds and a torn last line are skipped): a plot never runs backwards, even on a file of older runs."""
+    by_step = {}
     with open(path) as handle:
         for line in handle:
-            line = line.strip()
-            if line:
+            try:
                 record = json.loads(line)
-                if "step" in record:
-                    records.append(record)
-    return records
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def plot_metrics(records: Sequence[Dict], out: str, title: Optional[str] = None) -> None:
@@ -65,9 +69,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
     out = args.output or args.metrics.rsplit(".", 1)[0] + ".png"
+    if not os.path.isfile(args.metrics):
+        print(f"kvpo-plot: error: {args.metrics}: no such file", file=sys.stderr)
+        return 2
     records = read_metrics(args.metrics)
     if not records:
-        parser.error(f"{args.metrics} holds no step records")
+        print(f"kvpo-plot: error: {args.metrics}: holds no step records", file=sys.stderr)
+        return 2
     plot_metrics(records, out, title=args.title)
     print(f"wrote {out} ({len(records)} steps)")
     return 0
