@@ -250,3 +250,8 @@ def test_kvpo_train_eval_only_prints_the_table(tmp_path, capsys):
     assert cli.main([*args, "--eval-only"]) == 0
     table = capsys.readouterr().out
     assert "brightness" in table and "(2 prompts, 4 videos" in table
+
+
+def test_a_missing_pretrained_folder_is_one_input_error(tmp_path, capsys):
+    assert cli.main(["--preset", "tiny", "--set", f"model.pretrained={tmp_path / 'nowhere'}"]) == 2
+    assert "model.pretrained" in capsys.readouterr().err

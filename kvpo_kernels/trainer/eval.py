@@ -31,7 +31,8 @@ def evaluate(trainer) -> Dict[str, float]:
             devices = [trainer.device] if trainer.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):   # the sampler's re-noising draws: fixed by the seed too
                 torch.manual_seed(int(seed))
-                latents = trainer.generator.generate(noise.to(trainer.device, dtype), trainer.prompts[prompt_id:prompt_id + 1])
+                latents = trainer.generator.generate(noise.to(trainer.device, dtype),
+                                                     trainer.prompts[prompt_id:prompt_id + 1])
             scores.append(trainer.reward_fn(latents, torch.tensor([prompt_id])).double()[0])
     scores = torch.stack(scores)
     out = {name: float(value) for name, value in zip(trainer.reward_fn.names, scores.mean(0))}

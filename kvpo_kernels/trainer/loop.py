@@ -152,7 +152,8 @@ class Trainer:
             weights = [float(spec.get("weight", 1.0)) for spec in config.reward.components]
         else:
             weights = [1.0] * len(reward_fn.names)
-            reward_fn = reward_fn if isinstance(reward_fn, CombinedReward) else CombinedReward([reward_fn], self.decoder)
+            if not isinstance(reward_fn, CombinedReward):   # pixel components of a custom reward get the VAE's frames
+                reward_fn = CombinedReward([reward_fn], self.decoder)
         self.reward_fn = reward_fn
         self.component_weights = torch.tensor(weights, dtype=torch.float64)
         self.step_weights = (None if config.replay.step_weights is None
@@ -289,8 +290,8 @@ class Trainer:
                                     latent_shape=self.latent_shape, rng=rng, sampler=rollout_config.sampler)
             ids = torch.full((rollout_config.num_branches + 1,), prompt_id, dtype=torch.long)
             with torch.no_grad():  # one decode of the whole video serves the chunk's and the video's pixel rewards
-                local, whole = (_check_rewards(scores, self.reward_fn, len(ids)) for scores in self.reward_fn.score_group(
-                    rollout.video(), fork * config.streaming.frames_per_block, ids))
+                scores = self.reward_fn.score_group(rollout.video(), fork * config.streaming.frames_per_block, ids)
+                local, whole = (_check_rewards(score, self.reward_fn, len(ids)) for score in scores)
             objective = config.objective
             advantages = anchor_relative_advantages(local, whole, self.component_weights,
                                                     signal_weights=(objective.local_weight, objective.global_weight),

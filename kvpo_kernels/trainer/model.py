@@ -126,7 +126,9 @@ def load_prompts(config: TrainConfig, device) -> Tuple[Optional[torch.Tensor], L
     if encoder is None:
         raise InputValueError("rollout.prompts_file: a .txt prompts file needs the UMT5 text encoder: set "
                          "model.text_encoder (or model.pretrained to a Wan folder with text_encoder/ and tokenizer/)")
-    dtype = torch.bfloat16 if config.model.dtype == "bfloat16" and torch.device(device).type == "cuda" else torch.float32
+    # UMT5 in bf16 on a GPU (as Wan ships it), float32 on the CPU
+    on_gpu = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if config.model.dtype == "bfloat16" and on_gpu else torch.float32
     embeds = cached_prompt_embeds(texts, encoder, os.path.join(config.run.output_dir, "prompt_cache"), device=device,
                                   dtype=dtype, max_length=config.rollout.prompt_length)
     return embeds, texts
@@ -161,11 +163,14 @@ class MemoryPlan:
                 self.activation_bytes)
 
     def format(self) -> str:
-        return (f"planned memory: {self.params / 1e6:.2f}M params ({self.weights_bytes / GIB:.2f} GiB), "
-                f"{self.trainable / 1e6:.2f}M trainable, optimizer {self.optimizer_bytes / GIB:.2f} GiB, "
-                f"old/ref/EMA copies {self.copies_bytes / GIB:.2f} GiB, KV pool per group "
-                f"{self.kv_pool_bytes / GIB:.2f} GiB, activations ~{self.activation_bytes / GIB:.2f} GiB (estimate); "
-                f"total ~{self.total_bytes / GIB:.2f} GiB")
+        return (f"planned memory: {self.params / 1e6:.2f}M params ({_size(self.weights_bytes)}), "
+                f"{self.trainable / 1e6:.2f}M trainable, optimizer {_size(self.optimizer_bytes)}, old/ref/EMA copies "
+                f"{_size(self.copies_bytes)}, KV pool per group {_size(self.kv_pool_bytes)}, activations "
+                f"~{_size(self.activation_bytes)} (estimate); total ~{_size(self.total_bytes)}")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB else f"{num_bytes / 2 ** 20:.2f} MiB"
 
 
 def _meta_model(config: TrainConfig):
@@ -174,10 +179,16 @@ def _meta_model(config: TrainConfig):
     from diffusers import WanTransformer3DModel
 
     m = config.model
+    geometry = None
+    if m.pretrained is not None:
+        try:
+            geometry = WanTransformer3DModel.load_config(m.pretrained, subfolder=m.subfolder)
+        except OSError:
+            raise InputValueError(f"model.pretrained: {m.pretrained!r} holds no {m.subfolder}/config.json (a local "
+                                  "diffusers Wan folder, or a reachable hub id)") from None
     with torch.device("meta"):
-        if m.pretrained is not None:
-            model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(m.pretrained,
-                                                                                        subfolder=m.subfolder))
+        if geometry is not None:
+            model = WanTransformer3DModel.from_config(geometry)
         else:
             model = random_transformer(config)
         if config.model.lora_rank:
@@ -235,5 +246,5 @@ def check_startup(config: TrainConfig, device: torch.device, plan: MemoryPlan) -
         missing.append(f"a GPU: run.device resolves to {device}, a {plan.params / 1e9:.2f}B-parameter model needs "
                        "CUDA")
     if missing:
-        raise InputValueError(f"kvpo-train: refusing to start a {plan.params / 1e9:.2f}B-parameter run; missing:\n  - " +
-                         "\n  - ".join(missing))
+        raise InputValueError(f"refusing to start a {plan.params / 1e9:.2f}B-parameter run; missing: " +
+                              "; ".join(missing))
