@@ -26,6 +26,7 @@ from :meth:`GroupKVCache.route_pool` [frames 6..19, 14 frames, for a fork at fra
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -50,6 +51,10 @@ class _BlockPool:
         self.v = torch.empty(self.shape, dtype=dtype, device=device)
         self.refcount: list[int] = []
         self.free: list[int] = []
+        # The K/V views handed out by GroupKVCache.layer(): growing replaces k / v, and a view of the old tensors
+        # would go on reading the old pool (not the blocks written after the growth), so growth refuses while one
+        # is alive (held by a caller, or saved for a backward).
+        self.views: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
         # At least one block, so that a padded table entry (block 0) always names real memory.
         self.grow(max(1, reserve_blocks))
 
@@ -67,6 +72,10 @@ class _BlockPool:
         # Growing copies the pool once (amortised by doubling); it never happens inside a forward, because blocks
         # are allocated before the forward that writes them and tables are built after.
         old = self.num_blocks
+        if len(self.views):
+            raise RuntimeError(f"GroupKVCache: the pool must grow by {extra} blocks while {len(self.views)} K/V "
+                               "view(s) from layer() are alive, which would keep reading the old pool; reserve() the "
+                               "blocks before taking views (or drop the views first)")
         new_k = torch.empty((self.shape[0], old + extra) + self.shape[2:], dtype=self.dtype, device=self.device)
         new_v = torch.empty_like(new_k)
         if old and self.device.type != "meta":
@@ -144,7 +153,7 @@ class GroupKVCache:
     # ----------------------------------------------------------------------------------------------- structure
     def _spawn(self, maps: list[dict[int, int]]) -> "GroupKVCache":
         child = object.__new__(GroupKVCache)
-        child.__dict__.update({key: value for key, value in self.__dict__.items() if key != "_maps"})
+        child.__dict__.update({key: value for key, value in self.__dict__.items() if key not in ("_maps", "_appended")})
         child._maps = [dict(m) for m in maps]
         for frame_map in child._maps:
             for block in frame_map.values():
@@ -231,8 +240,18 @@ class GroupKVCache:
         return sorted(self._maps[sequence])
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k_cache, v_cache)``, each ``[N, S, Hkv, D]``: layer ``index``'s pool, as routed_attention reads it."""
-        return self._pool.k[index], self._pool.v[index]
+        """``(k_cache, v_cache)``, each ``[N, S, Hkv, D]``: layer ``index``'s pool, as routed_attention reads it.
+
+        Views, no copy: while one is alive the pool cannot grow (RuntimeError from the allocation that would need
+        it), so a view never reads a stale pool; reserve() the blocks up front."""
+        self._check_layer(index)
+        views = self._pool.k[index], self._pool.v[index]
+        self._pool.views.update(views)
+        return views
+
+    def _check_layer(self, index) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {index!r}")
 
     # -------------------------------------------------------------------------------------------------- windows
     def _local_first(self, start: int, routed: bool) -> int:
@@ -317,15 +336,38 @@ class GroupKVCache:
                 frame_map[self.num_frames + offset] = block
         self.num_frames += count
         device = self.device if self.device.type != "meta" else torch.device("cpu")
-        return torch.tensor(ids, dtype=torch.int64, device=device)
+        appended = torch.tensor(ids, dtype=torch.int64, device=device)
+        self._appended = (appended, [block for row in ids for block in row])  # write()'s check needs no sync
+        return appended
+
+    def _check_writable(self, block_ids: torch.Tensor) -> None:
+        """Each block must be one of this cache's latest append_frames() blocks, still mapped by it and by nothing
+        else (refcount 1): a write to a shared block would change a fork's history or a snapshot, one to an id
+        kept from an earlier append (evicted since, perhaps reallocated) another frame."""
+        appended = getattr(self, "_appended", None)
+        latest = set(appended[1]) if appended is not None else set()
+        ids = appended[1] if appended is not None and block_ids is appended[0] else block_ids.reshape(-1).tolist()
+        owned = {block for frame_map in self._maps for block in frame_map.values()}
+        for block in ids:
+            if block not in latest or block not in owned:
+                raise ValueError(f"block_ids: block {block} is not a block of this cache's latest append_frames() "
+                                 "(evicted, released, from an earlier append or another cache)")
+            if self._pool.refcount[block] != 1:
+                raise ValueError(f"block_ids: block {block} is shared by {self._pool.refcount[block]} sequences "
+                                 "(a fork or snapshot maps it); writes go only to blocks this cache holds alone")
 
     def write(self, layer: int, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v [B, f * S, Hkv, D]`` (RoPE'd) of layer ``layer`` into blocks ``block_ids [B, f]``."""
+        """Store ``k, v [B, f * S, Hkv, D]`` (RoPE'd) of layer ``layer`` into blocks ``block_ids [B, f]``.
+
+        ``block_ids`` must be live blocks that only this cache maps (refcount 1), as :meth:`append_frames` returns
+        them; anything else raises (ValueError). Passing append_frames()'s own tensor avoids a device sync."""
+        self._check_layer(layer)
         batch, frames = block_ids.shape
         expected = (batch, frames * self.frame_tokens) + tuple(self._pool.shape[3:])
         for name, tensor in (("k", k), ("v", v)):
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+        self._check_writable(block_ids)
         if self.device.type == "meta":
             return
         flat = block_ids.reshape(-1).to(self.device)

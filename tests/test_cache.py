@@ -193,3 +193,56 @@ def test_empty_cache_has_a_real_block_for_padding_and_a_repr():
     table, counts = cache.block_table(0)
     assert table.tolist() == [[0]] * 3 and counts.tolist() == [0] * 3 and cache._pool.num_blocks >= 1
     assert "batch_size=3" in repr(cache) and "frame_tokens=5" in repr(cache)
+
+
+def _k(cache, rows, frames=1):
+    return torch.full((rows, frames * cache.frame_tokens, 2, 4), 9.0)
+
+
+def test_write_goes_only_to_live_blocks_this_cache_holds_alone():
+    """Issue 9 case 8: after a fork, neither the parent's nor a child's write may reach a shared block (the parent's
+    would leak into every child, a child's would overwrite the snapshot); stale ids after evict() and ids of
+    another cache are refused; the layer index is range-checked."""
+    parent = _small()
+    ids = _fill(parent, 1)
+    children = parent.fork(3)
+    with pytest.raises(ValueError, match="block_ids: block .* is shared by 4 sequences"):
+        parent.write(0, ids, _k(parent, 1), _k(parent, 1))
+    with pytest.raises(ValueError, match="not a block of this cache's latest append_frames"):  # the parent's
+        children.write(0, ids.expand(3, 1).contiguous(), _k(parent, 3), _k(parent, 3))
+    assert _frame_value(parent, 0, 0) == 0.0 and _frame_value(children, 2, 0) == 0.0  # nothing leaked
+    own = children.append_frames(1)  # private to each child: fine
+    children.write(1, own, _k(parent, 3), _k(parent, 3))
+    other = _small()
+    with pytest.raises(ValueError, match="not a block of this cache"):
+        other.write(0, own[:1], _k(parent, 1), _k(parent, 1))
+
+    cache = _small()
+    kept = _fill(cache, 3)  # frames 0-2 (sink)
+    stale = _fill(cache, 3)  # frames 3-5: evicted below, their blocks reused by later frames
+    for _ in range(7):
+        latest = _fill(cache, 3)
+        cache.evict()
+    assert 3 not in cache.frames() and set(stale.view(-1).tolist()) & set(cache._maps[0].values())
+    for ids in (stale, kept):  # an earlier append's ids: evicted-and-reused, or live but not the latest frames
+        with pytest.raises(ValueError, match="not a block of this cache's latest append_frames"):
+            cache.write(0, ids, _k(cache, 1, 3), _k(cache, 1, 3))
+    cache.write(0, latest.clone(), _k(cache, 1, 3), _k(cache, 1, 3))  # any tensor of the right ids is fine
+    for layer in (-1, 2, True, 1.0):
+        with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
+            cache.write(layer, latest, _k(cache, 1, 3), _k(cache, 1, 3))
+        with pytest.raises(ValueError, match="layer must be"):
+            cache.layer(layer)
+
+
+def test_layer_views_never_read_a_stale_pool():
+    """Issue 9 case 8: a view from layer() taken before the pool grows would read the old pool afterwards; growth
+    refuses while a view is alive, and works once it is dropped."""
+    cache = GroupKVCache(2, 5, 2, 4, batch_size=1, reserve_blocks=2, **LONGLIVE)
+    _fill(cache, 2)
+    k_view, v_view = cache.layer(0)
+    with pytest.raises(RuntimeError, match="pool must grow .* view"):
+        cache.append_frames(3)
+    del k_view, v_view
+    _fill(cache, 3)
+    assert _frame_value(cache, 0, 4) == 4.0

@@ -163,7 +163,7 @@ class PoisonableReward(BrightnessReward):
         return out * float("nan") if self.poison else out
 
 
-@pytest.mark.parametrize("where", ["loss", "gradient"])
+@pytest.mark.parametrize("where", ["reward", "gradient"])
 def test_nonfinite_step_is_skipped_and_leaves_the_state(tmp_path, where):
     config = tiny(tmp_path, "run.checkpoint_every=1")
     reward = PoisonableReward(config.model.latent_channels)
@@ -173,7 +173,7 @@ def test_nonfinite_step_is_skipped_and_leaves_the_state(tmp_path, where):
         trainer.version
 
     handle = None
-    if where == "loss":
+    if where == "reward":
         reward.poison = True
     else:
         handle = trainer.transformer.proj_out.weight.register_hook(lambda g: g * float("inf"))
@@ -182,7 +182,8 @@ def test_nonfinite_step_is_skipped_and_leaves_the_state(tmp_path, where):
     if handle is not None:
         handle.remove()
 
-    assert record["skipped"] and record["skip_reason"] == f"non-finite {where}"
+    reason = "non-finite reward (reward_fn returned NaN / inf)" if where == "reward" else "non-finite gradient"
+    assert record["skipped"] and record["skip_reason"] == reason
     for before, after in zip(weights, _weights(trainer)):
         assert torch.equal(before, after)
     assert all(torch.equal(a, b) for a, b in zip(adam, _adam_state(trainer)))

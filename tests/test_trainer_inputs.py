@@ -70,8 +70,8 @@ def _prompt_file(tmp_path, kind):
     if kind == "text file":
         path.write_text("a cat on a skateboard\n")
         return path
-    value = {"dict": {"embeds": torch.randn(2, 4, 32)}, "list": [torch.randn(4, 32)], "0 prompts": torch.randn(0, 4, 32),
-             "0 tokens": torch.randn(2, 0, 32), "wrong width": torch.randn(2, 4, 31),
+    value = {"dict": {"embeds": torch.randn(2, 4, 32)}, "list": [torch.randn(4, 32)],
+             "0 prompts": torch.randn(0, 4, 32), "0 tokens": torch.randn(2, 0, 32), "wrong width": torch.randn(2, 4, 31),
              "nan": torch.full((2, 4, 32), float("nan"))}[kind]
     torch.save(value, path)
     return path

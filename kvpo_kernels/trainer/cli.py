@@ -1,8 +1,9 @@
 """``kvpo-train --preset tiny | --config FILE [--set section.key=value ...]``: run KVPO training.
 
 Single process, or several under torchrun (``torchrun --nproc_per_node=N -m kvpo_kernels.trainer.cli ...``;
-NCCL on GPUs, gloo on CPU). Writes ``metrics.jsonl``, ``config.yaml``, ``checkpoint-<step>.pt`` and ``metrics.png`` to
-``run.output_dir`` and prints the first and last reward.
+NCCL on GPUs, gloo on CPU). Writes ``metrics.jsonl``, ``config.yaml``, ``checkpoint-<step>.pt`` (+ ``.sha256``, the
+newest two kept) and ``metrics.png`` to ``run.output_dir`` and prints the first and last reward. A wrong input
+(config, file, argument) prints one ``kvpo-train: error: ...`` line and exits 2.
 """
 from __future__ import annotations
 

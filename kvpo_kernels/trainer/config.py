@@ -27,10 +27,12 @@ from .errors import InputTypeError, InputValueError
 class RunConfig:
     steps: int = 150                       # optimizer steps (each: one group rollout per group, then the update)
     seed: int = 0                          # seeds the model init, prompts, reward decoder and every rollout's noise
-    output_dir: str = "runs/tiny"          # metrics.jsonl, config.yaml, checkpoint.pt and metrics.png go here
+    output_dir: str = "runs/tiny"          # metrics.jsonl, config.yaml, checkpoint-<step>.pt, metrics.png go here
     device: str = "auto"                   # "auto" (cuda:LOCAL_RANK when available, else cpu), "cpu", "cuda", ...
-    checkpoint_every: int = 0              # write checkpoint.pt every N steps (0: only at the end)
-    resume: bool = True                    # continue from output_dir/checkpoint.pt when it exists
+    checkpoint_every: int = 0              # write a checkpoint every N steps and at the end (0: only at the end);
+    #                                        the newest two are kept, each with a .sha256 checksum sidecar
+    resume: bool = True                    # continue from the newest checkpoint in output_dir (false, --fresh:
+    #                                        start over; an earlier run's files move to output_dir/previous-<time>/)
     progress: bool = True                  # tqdm progress bar (rank 0 only)
     plot: bool = True                      # write metrics.png at the end (rank 0 only)
     sample_every: int = 0                  # write samples/step_N.mp4 (anchor | best | worst branch) every N steps and

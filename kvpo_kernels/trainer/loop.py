@@ -23,7 +23,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -51,6 +51,13 @@ def _load_prompts(path: str, where: str):
     except Exception as error:
         raise InputValueError(f"{where}: not a torch file holding a tensor [P, L, text_dim] "
                               f"({type(error).__name__})") from None
+
+
+def _check_prompt_width(prompt_embeds: torch.Tensor, text_dim: int, source: str) -> torch.Tensor:
+    if prompt_embeds.shape[-1] != text_dim:
+        raise InputValueError(f"{source}: embeddings must be {text_dim} wide (the model's text_dim), got "
+                              f"{tuple(prompt_embeds.shape)}")
+    return prompt_embeds
 
 
 def _check_reward_fn(reward_fn) -> None:
@@ -119,7 +126,10 @@ class Trainer:
         # a .txt prompts file: encoded (or read from the run's cache) before the transformer is built, the encoder freed
         text_embeds, self.prompt_texts = ((None, []) if prompt_embeds is not None else
                                           load_prompts(config, resolve_device(config.run.device, dist or DistInfo())))
-        prompts = self._prompts(prompt_embeds if prompt_embeds is not None else text_embeds, known_width)
+        if text_embeds is not None:
+            prompts, prompts_source = text_embeds, f"rollout.prompts_file {config.rollout.prompts_file} (UMT5-encoded)"
+        else:
+            prompts, prompts_source = self._prompts(prompt_embeds, known_width)
         if reward_fn is not None:
             _check_reward_fn(reward_fn)
         self.dist = dist or DistInfo()
@@ -142,8 +152,12 @@ class Trainer:
         self.latent_shape = (model_config.in_channels, config.rollout.latent_height, config.rollout.latent_width)
         # with LoRA (model.lora_rank) only the adapter trains
         self.trainable = lora if lora is not None else self._select_trainable(own_model=transformer is None)
+        if prompts is None:
+            rng = torch.Generator().manual_seed(config.run.seed + 1)
+            prompts = torch.randn(config.rollout.num_prompts, config.rollout.prompt_length, model_config.text_dim,
+                                  generator=rng)
         model_dtype = next(self.transformer.parameters()).dtype
-        self.prompts = self._check_prompt_width(prompts, model_config.text_dim).to(self.device, model_dtype)
+        self.prompts = _check_prompt_width(prompts, model_config.text_dim, prompts_source).to(self.device, model_dtype)
         self.decoder = build_decoder(config, self.device)   # the Wan VAE of the pixel rewards and sample videos
         if reward_fn is None:
             reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed,
@@ -158,8 +172,12 @@ class Trainer:
         self.component_weights = torch.tensor(weights, dtype=torch.float64)
         self.step_weights = (None if config.replay.step_weights is None
                              else torch.tensor(config.replay.step_weights, dtype=torch.float32))
+        self._init_training_state()
+        self.metrics_path = os.path.join(config.run.output_dir, "metrics.jsonl")
 
-        optim = config.optim
+    def _init_training_state(self) -> None:
+        """Optimizer (on fp32 masters for a low-precision model), EMA, old / reference weights and counters."""
+        optim = self.config.optim
         # A bf16/fp16 model trains through fp32 master weights: AdamW steps (lr 1e-5 x O(1)) are mostly below
         # half a bf16 ulp of the weights and would round away. The model keeps the low-precision copy for the
         # forwards; the optimizer, its clipping and the EMA work on the fp32 masters.
@@ -170,13 +188,12 @@ class Trainer:
                                            weight_decay=optim.weight_decay)
         self.ema = [param.detach().clone() for param in self.opt_params] if optim.ema_decay > 0 else None
         self.old = [param.detach().clone() for param in self.trainable]
-        self.ref = [param.detach().clone() for param in self.trainable] if config.objective.beta != 0 else None
+        self.ref = [param.detach().clone() for param in self.trainable] if self.config.objective.beta != 0 else None
         # Versions tell when the old / reference weights equal the policy's, which saves their replays.
         self.version = 0          # optimizer steps taken
         self.old_version = 0      # the version the old policy was copied from
         self.step = 0             # train steps done (skipped ones included: their rollouts were consumed)
         self.rollouts = 0         # rollouts done (old-policy sync counter)
-        self.metrics_path = os.path.join(config.run.output_dir, "metrics.jsonl")
 
     # ---------------------------------------------------------------------------------------------- set-up helpers
     def _select_trainable(self, own_model: bool) -> List[torch.nn.Parameter]:
@@ -192,37 +209,28 @@ class Trainer:
             if param.requires_grad:
                 trainable.append(param)
         if not trainable:
-            raise ValueError(f"model.trainable={keys} selects no parameter")
+            raise InputValueError(f"model.trainable: {keys} selects no parameter of the model")
         return trainable
 
-    def _prompts(self, prompt_embeds: Optional[torch.Tensor], text_dim: Optional[int]) -> torch.Tensor:
-        """The prompt embeddings ``[P, L, text_dim]`` (argument, rollout.prompts_file or seeded random), checked;
-        `text_dim` None: the width is checked once the model is built."""
+    def _prompts(self, prompt_embeds: Optional[torch.Tensor],
+                 text_dim: Optional[int]) -> Tuple[Optional[torch.Tensor], str]:
+        """The prompt embeddings ``[P, L, text_dim]`` (argument or rollout.prompts_file; None: seeded random ones,
+        drawn later), checked, and where they came from; `text_dim` None: the width is checked after the build."""
         rollout_config = self.config.rollout
-        where = "prompt_embeds"
+        source = "prompt_embeds"
         if prompt_embeds is None and rollout_config.prompts_file is not None:
-            where = f"rollout.prompts_file {rollout_config.prompts_file}"
-            prompt_embeds = _load_prompts(rollout_config.prompts_file, where)
+            source = f"rollout.prompts_file {rollout_config.prompts_file}"
+            prompt_embeds = _load_prompts(rollout_config.prompts_file, source)
         if prompt_embeds is None:
-            rng = torch.Generator().manual_seed(self.config.run.seed + 1)
-            return torch.randn(rollout_config.num_prompts, rollout_config.prompt_length,
-                               self.config.model.text_dim, generator=rng)
+            return None, "random prompts"  # drawn once the model (its text_dim) is known
         if not isinstance(prompt_embeds, torch.Tensor):
-            raise InputTypeError(f"{where}: must hold a tensor [P, L, text_dim], got a {type(prompt_embeds).__name__}")
+            raise InputTypeError(f"{source}: must hold a tensor [P, L, text_dim], got a {type(prompt_embeds).__name__}")
         if prompt_embeds.dim() != 3 or 0 in prompt_embeds.shape or not prompt_embeds.is_floating_point():
-            raise InputValueError(f"{where}: must be a float tensor [P, L, text_dim] with P, L >= 1, got "
+            raise InputValueError(f"{source}: must be a float tensor [P, L, text_dim] with P, L >= 1, got "
                                   f"{prompt_embeds.dtype} {tuple(prompt_embeds.shape)}")
         if not torch.isfinite(prompt_embeds).all():
-            raise InputValueError(f"{where}: holds non-finite values (NaN / inf)")
-        self._prompts_where = where
-        return prompt_embeds if text_dim is None else self._check_prompt_width(prompt_embeds, text_dim)
-
-    def _check_prompt_width(self, prompt_embeds: torch.Tensor, text_dim: int) -> torch.Tensor:
-        if prompt_embeds.shape[-1] != text_dim:
-            where = getattr(self, "_prompts_where", "prompt_embeds")
-            raise InputValueError(f"{where}: embeddings must be {text_dim} wide (the model's text_dim), got "
-                                  f"{tuple(prompt_embeds.shape)}")
-        return prompt_embeds
+            raise InputValueError(f"{source}: holds non-finite values (NaN / inf)")
+        return (prompt_embeds if text_dim is None else _check_prompt_width(prompt_embeds, text_dim, source)), source
 
     @contextmanager
     def _weights(self, state: Optional[List[torch.Tensor]]):
@@ -361,7 +369,9 @@ class Trainer:
         for group in data:
             for key, value in self._group_loss(group).items():
                 sums[key] += value
-        return self._apply_gradients(sums)
+        # (a local hint for the skip reason: the skip decision itself is taken on all-reduced values)
+        bad_reward = any(not torch.isfinite(group.reward).all() for group in data)
+        return self._apply_gradients(sums, bad_reward)
 
     def _group_loss(self, group: GroupData) -> Dict[str, float]:
         """Backward of one group's loss / number of groups (gradients accumulate in .grad); its metric values."""
@@ -394,7 +404,7 @@ class Trainer:
         metrics["fork_block"] = float(group.fork)
         return metrics
 
-    def _apply_gradients(self, sums: Dict[str, float]) -> Dict:
+    def _apply_gradients(self, sums: Dict[str, float], bad_reward: bool = False) -> Dict:
         """Sum gradients and metric sums over ranks, then clip and step AdamW (+ masters, EMA) unless non-finite.
 
         Returns the update's record: the averaged metrics, grad_norm, lr and skipped (+ skip_reason)."""
@@ -417,7 +427,8 @@ class Trainer:
         record.update(grad_norm=_finite_or_none(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
                       skipped=not finite)
         if not finite:
-            record["skip_reason"] = "non-finite loss" if not math.isfinite(record["loss"]) else "non-finite gradient"
+            record["skip_reason"] = ("non-finite reward (reward_fn returned NaN / inf)" if bad_reward else
+                                     "non-finite loss" if not math.isfinite(record["loss"]) else "non-finite gradient")
             self.optimizer.zero_grad(set_to_none=False)
         else:
             self.optimizer.step()

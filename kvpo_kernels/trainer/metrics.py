@@ -1,5 +1,10 @@
 """The keys of a metrics.jsonl step row, defined once (the loop writes them, kvpo-plot and the docs read them).
 
+metrics.jsonl holds one step row per step (rows of steps after the checkpoint a run resumes from are dropped and
+written again as those steps are redone) and event rows without a ``step`` key: ``{"event": "start", "resumed_at",
+"of_steps", "removed_leftovers", ...}`` at each start, ``{"event": "config_change", "at_step", "changes": {key:
+[old, new]}}`` when a resume applies a config change (``--allow-config-change``).
+
 Averaged over the step's groups and ranks (from the step's last update when ``optim.updates_per_rollout`` > 1):
 """
 from __future__ import annotations
