@@ -117,7 +117,7 @@ def test_pixel_components_share_one_decode_per_group():
     local, whole = reward.score_group(video, 2, torch.zeros(3, dtype=torch.long))
     assert len(decodes) == 1 and local.shape == whole.shape == (3, 2)
     pixels = Decoder()(video)
-    torch.testing.assert_close(local[:, 0], pixels[:, :, 5:].mean(dim=(1, 2, 3, 4)))
+    torch.testing.assert_close(local[:, 0], pixels[:, :, 5:].mean(dim=(1, 2, 3, 4)).double())
     with pytest.raises(ValueError, match="need a VAE"):
         CombinedReward([Pixels("a")], None)
 

@@ -35,7 +35,7 @@ from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier,
 from .metrics import AVERAGED_METRICS
 from .model import add_configured_lora, build_decoder, build_transformer, load_prompts, resolve_device
 from .objective import anchor_relative_advantages, branch_log_likelihood, kvpo_loss, step_temperatures
-from .rewards import CombinedReward, RewardFn, build_reward
+from .rewards import CombinedReward, RewardFn, build_reward, check_scores
 from .rollout import GroupRollout, backward_through_replay, group_rollout, replay_energies
 
 
@@ -67,17 +67,6 @@ def _check_reward_fn(reward_fn) -> None:
         raise InputTypeError("reward_fn: must be callable(latents, prompt_ids) -> [N, len(names)] and have a "
                              f".names tuple of component names (see RewardFn), got {type(reward_fn).__name__} "
                              f"with names={names!r}")
-
-
-def _check_rewards(scores, reward_fn, rows: int) -> torch.Tensor:
-    expected = (rows, len(reward_fn.names))
-    if not isinstance(scores, torch.Tensor):
-        raise InputTypeError(f"reward_fn: must return a tensor {list(expected)} (samples x names), got a "
-                             f"{type(scores).__name__}")
-    if tuple(scores.shape) != expected:
-        raise InputValueError(f"reward_fn: must return [samples, len(names)] = {list(expected)} "
-                              f"(names={tuple(reward_fn.names)}), got {list(scores.shape)}")
-    return scores.double().cpu()
 
 
 @dataclass
@@ -299,7 +288,7 @@ class Trainer:
             ids = torch.full((rollout_config.num_branches + 1,), prompt_id, dtype=torch.long)
             with torch.no_grad():  # one decode of the whole video serves the chunk's and the video's pixel rewards
                 scores = self.reward_fn.score_group(rollout.video(), fork * config.streaming.frames_per_block, ids)
-                local, whole = (_check_rewards(score, self.reward_fn, len(ids)) for score in scores)
+                local, whole = (check_scores(score, self.reward_fn, len(ids)) for score in scores)
             objective = config.objective
             advantages = anchor_relative_advantages(local, whole, self.component_weights,
                                                     signal_weights=(objective.local_weight, objective.global_weight),

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_chec
 
 import torch
 
+from .errors import InputTypeError, InputValueError
+
 
 @runtime_checkable
 class RewardFn(Protocol):
@@ -102,9 +104,10 @@ class CombinedReward:
         self.needs_pixels = bool(pixel)
 
     def _score(self, latents: torch.Tensor, video, prompt_ids: torch.Tensor) -> torch.Tensor:
-        scores = [reward(video if getattr(reward, "input", "latents") == "pixels" else latents, prompt_ids)
+        scores = [check_scores(reward(video if getattr(reward, "input", "latents") == "pixels" else latents,
+                                      prompt_ids), reward, len(prompt_ids))
                   for reward in self.rewards]
-        return torch.cat([s.float().cpu() for s in scores], dim=1)
+        return torch.cat(scores, dim=1)
 
     def __call__(self, latents: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
         return self._score(latents, self.decoder(latents) if self.needs_pixels else None, prompt_ids)
@@ -117,6 +120,18 @@ class CombinedReward:
         chunk_pixels = None if pixels is None else pixels[:, :, self.decoder.first_pixel_frame(chunk_start):]
         return (self._score(video[:, :, chunk_start:], chunk_pixels, prompt_ids),
                 self._score(video, pixels, prompt_ids))
+
+
+def check_scores(scores, reward_fn, rows: int) -> torch.Tensor:
+    """A reward's output checked to be a ``[rows, len(names)]`` tensor; returned as float64 on the CPU."""
+    expected = (rows, len(reward_fn.names))
+    if not isinstance(scores, torch.Tensor):
+        raise InputTypeError(f"reward_fn: must return a tensor {list(expected)} (samples x names), got a "
+                             f"{type(scores).__name__}")
+    if tuple(scores.shape) != expected:
+        raise InputValueError(f"reward_fn: must return [samples, len(names)] = {list(expected)} "
+                              f"(names={tuple(reward_fn.names)}), got {list(scores.shape)}")
+    return scores.double().cpu()
 
 
 BUILTIN_REWARDS = {"brightness": BrightnessReward, "smoothness": TemporalSmoothnessReward}
