@@ -61,6 +61,19 @@ def test_prompt_cache_is_reused_and_keyed_by_the_prompts(folders, tmp_path, monk
     assert len(calls) == 1 and other.shape == first.shape and len(os.listdir(tmp_path)) == 2
 
 
+def test_the_text_encoder_is_freed_after_encoding(folders, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    refs, real = [], text.load_text_encoder
+    monkeypatch.setattr(text, "load_text_encoder",
+                        lambda *a: (lambda pair: (refs.append(weakref.ref(pair[1])), pair)[1])(real(*a)))
+    text.cached_prompt_embeds(tiny.SENTENCES[:1], folders["wan"], str(tmp_path), device="cpu", dtype=torch.float32,
+                              max_length=16)
+    gc.collect()
+    assert len(refs) == 1 and refs[0]() is None
+
+
 def test_vae_decoder_unnormalises_as_the_pipeline_and_decodes_in_chunks(folders):
     model = vae_module.load_wan_vae(folders["wan"])
     latents = torch.randn(3, tiny.LATENT_CHANNELS, 3, 4, 4, generator=torch.Generator().manual_seed(0))
