@@ -98,7 +98,7 @@ def cached_prompt_embeds(prompts: Sequence[str], encoder_path: str, cache_dir: s
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"   # ranks of a multi-process run may all write it: same content, atomic replace
     torch.save({"prompts": list(prompts), "embeds": embeds}, tmp)
     os.replace(tmp, path)
     return embeds
