@@ -317,3 +317,14 @@ def test_bf16_model_trains_through_fp32_master_weights(tmp_path):
     assert resumed.resume()
     for mine, saved in zip(resumed.master, trainer.master):
         assert torch.equal(mine, saved)
+
+
+def test_checkpoint_of_another_geometry_is_refused_for_a_passed_in_model(tmp_path):
+    """With the same config but a model passed in from Python, the geometry check is the state's own shapes."""
+    from kvpo_kernels.trainer.model import random_transformer
+
+    Trainer(tiny(tmp_path, "optim.updates_per_rollout=1")).train(steps=1)
+    other = random_transformer(tiny(tmp_path, "model.num_layers=1"))
+    with pytest.raises(ValueError, match=r"^checkpoint .*checkpoint-00000001.pt: does not fit this model .*"
+                                         r"model geometry and model.trainable must match"):
+        Trainer(tiny(tmp_path, "optim.updates_per_rollout=1"), transformer=other).train(steps=2)

@@ -71,7 +71,8 @@ def _prompt_file(tmp_path, kind):
         path.write_text("a cat on a skateboard\n")
         return path
     value = {"dict": {"embeds": torch.randn(2, 4, 32)}, "list": [torch.randn(4, 32)],
-             "0 prompts": torch.randn(0, 4, 32), "0 tokens": torch.randn(2, 0, 32), "wrong width": torch.randn(2, 4, 31),
+             "0 prompts": torch.randn(0, 4, 32), "0 tokens": torch.randn(2, 0, 32),
+             "wrong width": torch.randn(2, 4, 31),
              "nan": torch.full((2, 4, 32), float("nan"))}[kind]
     torch.save(value, path)
     return path
@@ -179,3 +180,15 @@ def test_plot_on_a_missing_file_and_never_backwards(tmp_path, capsys):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 3, "lo')
     records = plot.read_metrics(str(path))
     assert [r["step"] for r in records] == [1, 2, 3] and [r["loss"] for r in records] == [3.0, 4.0, 2.0]
+
+
+def test_cli_config_change_on_resume_needs_the_flag(tmp_path, capsys):
+    argv = ["--preset", "tiny", "--output-dir", str(tmp_path), *[f"--set={item}" for item in FAST],
+            "--set=rollout.num_branches=3", "--set=optim.updates_per_rollout=1"]
+    assert cli.main(argv + ["--steps", "1"]) == 0
+    code, err = _cli(capsys, *argv, "--steps", "2", "--set", "optim.lr=0.01")
+    assert code == 2 and "optim.lr: 0.001 -> 0.01" in err and "--allow-config-change" in err and "Traceback" not in err
+    assert cli.main(argv + ["--steps", "2", "--set", "optim.lr=0.01", "--allow-config-change"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows if "step" in row] == [0.001, 0.01]
+    assert [row["changes"] for row in rows if row.get("event") == "config_change"] == [{"optim.lr": [0.001, 0.01]}]

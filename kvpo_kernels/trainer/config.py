@@ -47,7 +47,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    pretrained: Optional[str] = None       # diffusers WanTransformer3DModel path or hub id; None: random init from below
+    pretrained: Optional[str] = None       # diffusers WanTransformer3DModel path / hub id; None: random init (below)
     subfolder: Optional[str] = "transformer"  # subfolder of `pretrained` holding the transformer
     causal_checkpoint: Optional[str] = None  # Self-Forcing / LongLive generator weights (.pt / .safetensors, original
     #                                          Wan names) loaded into the model built from the fields below
