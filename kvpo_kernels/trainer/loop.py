@@ -155,8 +155,6 @@ class Trainer:
             weights = [float(spec.get("weight", 1.0)) for spec in config.reward.components]
         else:
             weights = [1.0] * len(reward_fn.names)
-            if not isinstance(reward_fn, CombinedReward):   # pixel components of a custom reward get the VAE's frames
-                reward_fn = CombinedReward([reward_fn], self.decoder)
         self.reward_fn = reward_fn
         self.component_weights = torch.tensor(weights, dtype=torch.float64)
         self.step_weights = (None if config.replay.step_weights is None
@@ -183,6 +181,17 @@ class Trainer:
         self.old_version = 0      # the version the old policy was copied from
         self.step = 0             # train steps done (skipped ones included: their rollouts were consumed)
         self.rollouts = 0         # rollouts done (old-policy sync counter)
+
+    @property
+    def reward_fn(self) -> CombinedReward:
+        return self._reward_fn
+
+    @reward_fn.setter
+    def reward_fn(self, reward_fn: RewardFn) -> None:
+        # Any reward (also one set after construction) runs inside a CombinedReward: its pixel components get the
+        # frames the run's VAE decodes once per group, and every output is checked.
+        self._reward_fn = (reward_fn if isinstance(reward_fn, CombinedReward)
+                           else CombinedReward([reward_fn], self.decoder))
 
     # ---------------------------------------------------------------------------------------------- set-up helpers
     def _select_trainable(self, own_model: bool) -> List[torch.nn.Parameter]:
@@ -446,8 +455,9 @@ class Trainer:
     def load_state_dict(self, state: Dict, where: str = "checkpoint") -> None:
         mine = self._trainable_state()
         if set(state["model"]) != set(mine):
-            raise InputValueError(f"{where}: its weights are not this config's trainable ones (LoRA on/off, other "
-                                  f"lora_targets or model.trainable): {sorted(set(state['model']) ^ set(mine))[:4]}")
+            raise InputValueError(f"{where}: does not fit this model (trainable weights differ: "
+                                  f"{sorted(set(state['model']) ^ set(mine))[:4]}); model geometry and model.trainable "
+                                  "must match the checkpoint's, and so must model.lora_rank / lora_targets")
         try:
             with torch.no_grad():
                 for name, tensor in state["model"].items():
