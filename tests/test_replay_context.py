@@ -104,8 +104,10 @@ def test_rollout_records_the_window_and_trainer_replays_it(tmp_path):
     assert trainer._replay(ro, grad=False).shape == (3, 2, 4)
     ro6 = _rollout(trainer.generator, trainer, 13, chunks=trainer.chunks, fork_block=6)
     assert ro6.perturbed_chunk == (5, 7) and ro6.window_blocks == 1
-    with pytest.raises(ValueError, match="streaming chunk"):
-        load_config("tiny", overrides=["rollout.perturbed_blocks=2"])   # fork 6 + 2 blocks leaves [5, 7)
+    # fork 6 + 2 blocks would leave [5, 7): only fork 5 is eligible (the released plan_perturbation filter)
+    assert load_config("tiny", overrides=["rollout.perturbed_blocks=2"]).fork_blocks() == [5]
+    with pytest.raises(ValueError, match="inside one chunk"):   # 3 blocks fit in no chunk
+        load_config("tiny", overrides=["rollout.fork_max=5", "rollout.perturbed_blocks=3"])
     with pytest.raises(ValueError, match="streaming_chunk_size"):
         load_config("tiny", overrides=["rollout.streaming_chunk_size=-1"])
 

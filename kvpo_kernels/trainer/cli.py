@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume even though the config differs from the checkpoint's; the changes are applied "
                              "(optimizer hyper-parameters included) and logged in metrics.jsonl")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="no training: score the run in the output dir (initial vs trained), as kvpo-eval does")
     return parser
 
 
@@ -54,10 +56,19 @@ def _run(args) -> int:
     if args.fresh:
         overrides.append("run.resume=false")
     config = load_config(preset=args.preset, path=args.config, overrides=overrides)
+    if args.eval_only:
+        from .eval import evaluate_run, format_table
 
-    from .distributed import cleanup, init_distributed
+        print(format_table(evaluate_run(config.run.output_dir, overrides)), flush=True)
+        return 0
+
+    from .distributed import DistInfo, cleanup, init_distributed
     from .loop import Trainer
+    from .model import check_startup, plan_memory, resolve_device
 
+    plan = plan_memory(config)   # meta tensors: nothing allocated; refuses before any process group or model
+    check_startup(config, resolve_device(config.run.device, DistInfo()), plan)
+    print(f"kvpo-train: {plan.format()}", flush=True)
     dist = init_distributed(config.run.device)
     if config.run.cpu_threads > 0 and not (config.run.device != "cpu" and _has_cuda()):
         import torch

@@ -35,6 +35,10 @@ class RunConfig:
     #                                        start over; an earlier run's files move to output_dir/previous-<time>/)
     progress: bool = True                  # tqdm progress bar (rank 0 only)
     plot: bool = True                      # write metrics.png at the end (rank 0 only)
+    sample_every: int = 0                  # write samples/step_N.mp4 (anchor | best | worst branch) every N steps and
+    #                                        at the end (0: off; needs the models extra)
+    eval_prompts: int = 4                  # kvpo-eval / --eval-only: the first N prompts (0: all)
+    eval_seeds: List[int] = field(default_factory=lambda: [0, 1])  # kvpo-eval: one video per prompt and seed
     cpu_threads: int = 1                   # kvpo-train on CPU: torch intra-op threads (0: torch's default). Small
     #                                        models run fastest single-threaded; extra threads only add sync cost.
     #                                        Only 1 is bitwise reproducible: another count changes the CPU matmul
@@ -59,11 +63,18 @@ class ModelConfig:
     latent_channels: int = 4               # random init only: in/out channels (Wan VAE: 16)
     trainable: List[str] = field(default_factory=list)  # train only parameters whose name contains one of these
     backend: str = "auto"                  # kernel backend of the routed attention processor
-    lora_rank: int = 0                     # LoRA rank on the transformer blocks' Linears (0: full fine-tune)
-    lora_alpha: Optional[float] = None     # LoRA alpha (None: = lora_rank)
+    lora_rank: Optional[int] = None        # LoRA rank (0 / null: no LoRA, train the weights model.trainable selects)
+    lora_alpha: Optional[float] = None     # LoRA alpha (scale alpha / rank); null: = lora_rank
     lora_dropout: float = 0.0              # LoRA dropout
-    lora_targets: Optional[List[str]] = None  # Linear name patterns to adapt (None: every Linear of each block)
-    lora_checkpoint: Optional[str] = None  # LoRA weights to start from (LongLive's lora.pt)
+    lora_targets: Optional[List[str]] = None  # block-relative Linear names (attn1.to_q, ffn.net.2, ...); null: every
+    #                                          Linear of every transformer block
+    lora_checkpoint: Optional[str] = None  # adapter to start from: LongLive lora.pt (CausalWan names, generator_lora
+    #                                        entry) or a pytorch_lora_weights.safetensors written by kvpo-train
+    lora_export_merged: bool = False       # also write lora/merged_transformer.safetensors (base + adapter merged,
+    #                                        WanTransformer3DModel names) with each checkpoint
+    text_encoder: Optional[str] = None     # UMT5 encoder folder (or Wan folder); null: model.pretrained's text_encoder/
+    vae: Optional[str] = None              # AutoencoderKLWan folder (or Wan folder); null: model.pretrained's vae/
+    offload: bool = False                  # keep the VAE and the reward models on the CPU between uses
 
 
 @dataclass
@@ -104,7 +115,8 @@ class RolloutConfig:
     latent_height: int = 8                 # latent grid height
     latent_width: int = 8                  # latent grid width
     num_prompts: int = 4                   # synthetic prompts (fixed random embeddings) when no prompt file is given
-    prompt_length: int = 8                 # tokens per synthetic prompt embedding
+    prompt_length: int = 8                 # tokens per prompt: synthetic embeddings, or the UMT5 length of a .txt
+    #                                        prompts file (Wan: 512)
     prompts_file: Optional[str] = None     # .pt file with precomputed text embeddings [P, L, text_dim] (e.g. UMT5)
     align_switch_to_chunk: bool = True     # move each prompt switch to the first chunk start at or after it
 
@@ -135,7 +147,9 @@ class ObjectiveConfig:
 @dataclass
 class RewardConfig:
     components: List[Dict[str, Any]] = field(default_factory=lambda: [{"name": "brightness", "weight": 1.0}])
-    # built-in reward entries: {name: brightness | smoothness, weight: float, ...constructor kwargs}
+    # built-in reward entries: {name: brightness | smoothness, weight: float, ...constructor kwargs}, or the CLIP
+    # score on VAE-decoded frames: {name: clip, weight: float, path: local CLIP folder, num_frames: 4}
+    batch_size: int = 1                    # samples the VAE decodes at once (bounds its activation memory)
     long_reward_normal_clip_len: int = 36  # global reward: one clip of this many PIXEL frames per prompt segment
     vae_temporal_stride: int = 4           # pixel frames per latent frame (latent l >= 1 -> pixels 4l-3 .. 4l)
 
@@ -225,6 +239,11 @@ class TrainConfig:
                                   f"{len(self.replay.step_weights)}")
         if list(streaming.timesteps) != sorted(set(streaming.timesteps), reverse=True):
             raise InputValueError(f"streaming.timesteps: must be strictly decreasing, got {streaming.timesteps}")
+        model = self.model
+        if model.lora_checkpoint is not None and not model.lora_rank:
+            raise InputValueError("model.lora_checkpoint: needs model.lora_rank (the adapter's rank)")
+        if model.lora_rank and model.trainable:
+            raise InputValueError("model.trainable: must be empty with model.lora_rank (only the adapter trains)")
         for index, spec in enumerate(self.reward.components):
             where = f"reward.components[{index}]"
             if not isinstance(spec.get("name"), str):
@@ -361,12 +380,19 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "rollout.num_routed": _at_least(0), "rollout.sampler": _one_of("chr", "uniform"),
     "rollout.latent_height": ((lambda value: value >= 2 and value % 2 == 0), "an even integer >= 2 (2x2 patches)"),
     "rollout.latent_width": ((lambda value: value >= 2 and value % 2 == 0), "an even integer >= 2 (2x2 patches)"),
-    "rollout.prompts_file": ((lambda value: value != ""), "a .pt file (or null)"),
+    "rollout.prompts_file": ((lambda value: value.endswith((".pt", ".pth", ".txt"))),
+                             "a .txt file (one prompt a line) or a .pt file of embeddings (or null)"),
+    "model.lora_rank": _at_least(0), "model.lora_alpha": ((lambda value: value > 0), "> 0 (or null: = lora_rank)"),
+    "model.lora_dropout": ((lambda value: 0 <= value < 1), "in [0, 1)"),
+    "model.lora_targets": ((lambda values: len(values) > 0 and all(v != "" for v in values)),
+                           "a non-empty list of block-relative Linear names (or null: every Linear)"),
+    **{f"model.{name}": ((lambda value: value != ""), "a local path (or null)")
+       for name in ("lora_checkpoint", "text_encoder", "vae")},
+    "reward.batch_size": _at_least(1), "run.sample_every": _at_least(0), "run.eval_prompts": _at_least(0),
+    "run.eval_seeds": _each(lambda value: value >= 0, "a non-empty list of seeds >= 0"),
     **{f"rollout.{name}": _at_least(0) for name in ("streaming_chunk_size", "streaming_min_new_frame",
                                                     "perturb_within_first_x_chunks")},
-    "replay.energy_space": _one_of("x0", "velocity"), "model.lora_rank": _at_least(0),
-    "model.lora_alpha": ((lambda value: value > 0), "> 0 (or null: = lora_rank)"),
-    "model.lora_dropout": ((lambda value: 0 <= value < 1), "in [0, 1)"), "optim.warmup_steps": _at_least(0),
+    "replay.energy_space": _one_of("x0", "velocity"), "optim.warmup_steps": _at_least(0),
     "replay.grad_steps": _at_least(1), "replay.policy_window_frames": _at_least(0),
     "streaming.context_noise": ((lambda value: 0 <= value < 1000), "a timestep in [0, 1000)"),
     "reward.long_reward_normal_clip_len": _at_least(1), "reward.vae_temporal_stride": _at_least(1),
@@ -488,11 +514,12 @@ def _plain(value):
 # change how long / where / how visibly the run goes, or the kernel backend, not what is trained.
 RESUMABLE = frozenset({"run.steps", "run.checkpoint_every", "run.progress", "run.plot", "run.resume",
                        "run.output_dir", "run.device", "run.cpu_threads", "model.backend", "replay.energy_backend",
-                       "model.gradient_checkpointing"})
+                       "model.gradient_checkpointing", "run.sample_every", "run.eval_prompts", "run.eval_seeds",
+                       "model.offload", "reward.batch_size", "model.lora_export_merged"})
 # Keys that define the trained state itself (geometry, dtype, which parameters train): never changed on resume.
 FIXED_ON_RESUME = frozenset({f"model.{name}" for name in (
     "pretrained", "subfolder", "dtype", "num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim",
-    "text_dim", "freq_dim", "latent_channels", "trainable")})
+    "text_dim", "freq_dim", "latent_channels", "trainable", "lora_rank", "lora_alpha", "lora_targets")})
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

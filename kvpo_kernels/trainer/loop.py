@@ -34,10 +34,10 @@ from .config import FIXED_ON_RESUME, RESUMABLE, TrainConfig, _plain, config_diff
 from .errors import InputTypeError, InputValueError
 from .distributed import DistInfo, all_reduce_scalars, all_reduce_sum_, barrier, local_groups
 from .metrics import AVERAGED_METRICS
-from .model import build_transformer, resolve_device
+from .model import add_configured_lora, build_decoder, build_transformer, load_prompts, resolve_device
 from .objective import (anchor_is_beaten, anchor_relative_advantages, branch_log_likelihood, kvpo_loss,
                         step_temperatures)
-from .rewards import RewardFn, build_reward
+from .rewards import CombinedReward, RewardFn, build_reward, check_scores
 from .rollout import (GroupRollout, PromptEntry, align_switch_frames, backward_through_replay, chunk_layout,
                       group_rewards, group_rollout, replay_energies)
 
@@ -70,17 +70,6 @@ def _check_reward_fn(reward_fn) -> None:
         raise InputTypeError("reward_fn: must be callable(latents, prompt_ids) -> [N, len(names)] and have a "
                              f".names tuple of component names (see RewardFn), got {type(reward_fn).__name__} "
                              f"with names={names!r}")
-
-
-def _check_rewards(scores, reward_fn, rows: int) -> torch.Tensor:
-    expected = (rows, len(reward_fn.names))
-    if not isinstance(scores, torch.Tensor):
-        raise InputTypeError(f"reward_fn: must return a tensor {list(expected)} (samples x names), got a "
-                             f"{type(scores).__name__}")
-    if tuple(scores.shape) != expected:
-        raise InputValueError(f"reward_fn: must return [samples, len(names)] = {list(expected)} "
-                              f"(names={tuple(reward_fn.names)}), got {list(scores.shape)}")
-    return scores.double().cpu()
 
 
 @dataclass
@@ -122,9 +111,6 @@ class Trainer:
 
         # Every input is checked before the model is built (minutes and GBs at 1.3B).
         self.config = config.validate()
-        if config.model.lora_rank:
-            raise InputValueError("model.lora_rank: LoRA adapters are not built by this trainer yet (set "
-                                  "model.lora_rank=0 for a full fine-tune, or pass a LoRA-wrapped `transformer`)")
         self.allow_config_change = allow_config_change
         self.resumed_from: Optional[str] = None
         model_section = config.model
@@ -132,12 +118,23 @@ class Trainer:
             if not os.path.isfile(model_section.causal_checkpoint):
                 raise InputValueError(f"model.causal_checkpoint: no checkpoint file {model_section.causal_checkpoint}")
         known_width = model_section.text_dim if transformer is None and model_section.pretrained is None else None
-        prompts, prompts_source = self._prompts(prompt_embeds, known_width)
+        # a .txt prompts file: encoded (or read from the run's cache) before the transformer is built, the encoder freed
+        text_embeds, self.prompt_texts, file_entries = (
+            (None, [], None) if prompt_embeds is not None else
+            load_prompts(config, resolve_device(config.run.device, dist or DistInfo())))
+        if text_embeds is not None:
+            prompts, prompts_source = text_embeds, f"rollout.prompts_file {config.rollout.prompts_file} (UMT5-encoded)"
+        else:
+            prompts, prompts_source = self._prompts(prompt_embeds, known_width)
         if reward_fn is not None:
             _check_reward_fn(reward_fn)
         self.dist = dist or DistInfo()
         self.device = resolve_device(config.run.device, self.dist)
-        self.transformer = (transformer if transformer is not None else build_transformer(config)).to(self.device)
+        lora = None
+        if transformer is None:
+            transformer = build_transformer(config)
+            lora = add_configured_lora(transformer, config)
+        self.transformer = transformer.to(self.device)
         streaming = config.streaming
         self.generator = StreamingWanGenerator(
             self.transformer,
@@ -149,7 +146,8 @@ class Trainer:
             backend=config.model.backend)
         model_config = self.transformer.config
         self.latent_shape = (model_config.in_channels, config.rollout.latent_height, config.rollout.latent_width)
-        self.trainable = self._select_trainable(own_model=transformer is None)
+        # with LoRA (model.lora_rank) only the adapter trains
+        self.trainable = lora if lora is not None else self._select_trainable(own_model=transformer is None)
         if prompts is None:
             rng = torch.Generator().manual_seed(config.run.seed + 1)
             prompts = torch.randn(config.rollout.num_prompts, config.rollout.prompt_length, model_config.text_dim,
@@ -159,9 +157,12 @@ class Trainer:
         rollout_config = config.rollout
         self.chunks = chunk_layout(rollout_config.num_blocks * streaming.frames_per_block,
                                    rollout_config.streaming_chunk_size, rollout_config.streaming_min_new_frame)
-        self.prompt_entries = self._prompt_entries(prompt_entries)
+        self.prompt_entries = self._prompt_entries(prompt_entries if prompt_entries is not None else file_entries)
+        self.decoder = build_decoder(config, self.device)   # the Wan VAE of the pixel rewards and sample videos
         if reward_fn is None:
-            reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed)
+            reward_fn = build_reward(config.reward.components, self.latent_shape[0], config.run.seed,
+                                     decoder=self.decoder, prompts=self.prompt_texts, device=self.device,
+                                     offload=config.model.offload)
             weights = [float(spec.get("weight", 1.0)) for spec in config.reward.components]
         else:
             weights = [1.0] * len(reward_fn.names)
@@ -191,6 +192,17 @@ class Trainer:
         self.old_version = 0      # the version the old policy was copied from
         self.step = 0             # train steps done (skipped ones included: their rollouts were consumed)
         self.rollouts = 0         # rollouts done (old-policy sync counter)
+
+    @property
+    def reward_fn(self) -> CombinedReward:
+        return self._reward_fn
+
+    @reward_fn.setter
+    def reward_fn(self, reward_fn: RewardFn) -> None:
+        # Any reward (also one set after construction) runs inside a CombinedReward: its pixel components get the
+        # frames the run's VAE decodes once per group, and every output is checked.
+        self._reward_fn = (reward_fn if isinstance(reward_fn, CombinedReward)
+                           else CombinedReward([reward_fn], self.decoder))
 
     # ---------------------------------------------------------------------------------------------- set-up helpers
     def _select_trainable(self, own_model: bool) -> List[torch.nn.Parameter]:
@@ -316,8 +328,8 @@ class Trainer:
                                     perturbed_blocks=rollout_config.perturbed_blocks,
                                     num_branches=rollout_config.num_branches, num_routed=config.num_routed(),
                                     latent_shape=self.latent_shape, rng=rng, sampler=rollout_config.sampler)
-            def checked_reward(latents, ids):
-                return _check_rewards(self.reward_fn(latents, ids), self.reward_fn, len(ids))
+            def checked_reward(latents, ids):  # a pixel reward's VAE decode is shared by its components
+                return check_scores(self.reward_fn(latents, ids), self.reward_fn, len(ids))
 
             local, whole = group_rewards(checked_reward, rollout, clip_len=config.reward.long_reward_normal_clip_len,
                                          stride=config.reward.vae_temporal_stride)
@@ -472,13 +484,25 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> Dict:
         return {"step": self.step, "rollouts": self.rollouts, "version": self.version, "old_version": self.old_version,
-                "model": self.transformer.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
                 "master": self.master, "ema": self.ema, "old": self.old, "ref": self.ref,
                 "config": _plain(self.config.to_dict())}
 
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        """The trainable weights by name: the frozen rest (a LoRA's base model) is rebuilt from its source."""
+        ids = {id(param) for param in self.trainable}
+        return {name: param.detach() for name, param in self.transformer.named_parameters() if id(param) in ids}
+
     def load_state_dict(self, state: Dict, where: str = "checkpoint") -> None:
+        mine = self._trainable_state()
+        if set(state["model"]) != set(mine):
+            raise InputValueError(f"{where}: does not fit this model (trainable weights differ: "
+                                  f"{sorted(set(state['model']) ^ set(mine))[:4]}); model geometry and model.trainable "
+                                  "must match the checkpoint's, and so must model.lora_rank / lora_targets")
         try:
-            self.transformer.load_state_dict(state["model"])
+            with torch.no_grad():
+                for name, tensor in state["model"].items():
+                    mine[name].copy_(tensor)
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as error:  # shapes / parameter count of another geometry or selection
             raise InputValueError(f"{where}: does not fit this model ({' '.join(str(error).split())[:300]}); "
@@ -501,11 +525,20 @@ class Trainer:
         self.version, self.old_version = state["version"], state["old_version"]
 
     def save(self, path: Optional[str] = None) -> None:
-        """Write the training state to `path` (default: output_dir/checkpoint-<step>.pt), keeping the newest two."""
+        """Write the training state to `path` (default: output_dir/checkpoint-<step>.pt), keeping the newest two;
+        with LoRA also the adapter in diffusers' format (``output_dir/lora/``, + the merged transformer with
+        ``model.lora_export_merged``)."""
         if self.dist.is_main:
             save_checkpoint(path or checkpoint_path(self.config.run.output_dir, self.step), self.state_dict())
             if path is None:
                 prune_checkpoints(self.config.run.output_dir)
+            if self.config.model.lora_rank:
+                from ..integrations.diffusers.lora import save_lora_adapter, save_merged
+
+                directory = os.path.join(self.config.run.output_dir, "lora")
+                save_lora_adapter(self.transformer, directory)
+                if self.config.model.lora_export_merged:
+                    save_merged(self.transformer, os.path.join(directory, "merged_transformer.safetensors"))
         barrier(self.dist)
 
     def resume(self, path: Optional[str] = None) -> bool:
@@ -542,6 +575,13 @@ class Trainer:
         if self.dist.is_main:
             with open(self.metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+    def _sample(self, record: Dict) -> None:
+        """Sample video of the fixed eval group (rank 0 only); its rewards go into the step's metrics line."""
+        if self.dist.is_main:
+            from .samples import write_samples
+
+            record.update(write_samples(self, self.step))
 
     def _prepare_output_dir(self) -> List[str]:
         """Remove what a killed save left; without run.resume, move an earlier run's files aside (never mixed).
@@ -586,6 +626,8 @@ class Trainer:
         every = config.run.checkpoint_every
         while self.step < total:
             record = self.train_step()
+            if config.run.sample_every and (self.step % config.run.sample_every == 0 or self.step == total):
+                self._sample(record)
             records.append(record)
             self._log(record)
             if callback is not None:

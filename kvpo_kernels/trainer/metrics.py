@@ -33,7 +33,13 @@ STEP_METRICS: Dict[str, str] = {
     "time_s": "wall time of the step", "old_is_policy": "the rollout policy was the policy itself",
     "local_groups": "groups rolled out on rank 0",
 }
+# Only in the rows of the steps that wrote a sample video (run.sample_every).
+SAMPLE_METRICS: Dict[str, str] = {
+    "sample_reward_anchor": "weighted reward of the sample video's anchor", "sample_reward_best": "... of its best "
+    "branch", "sample_reward_worst": "... of its worst branch",
+}
 STEP_KEYS = (*STEP_METRICS, *AVERAGED_METRICS)
 
 __doc__ += "".join(f"\n    {key:15s} {text}" for key, text in {**LOSS_METRICS, **GROUP_METRICS}.items())
 __doc__ += "\n\nPer step:" + "".join(f"\n    {key:15s} {text}" for key, text in STEP_METRICS.items())
+__doc__ += "\n\nSteps with a sample video:" + "".join(f"\n    {key:20s} {text}" for key, text in SAMPLE_METRICS.items())

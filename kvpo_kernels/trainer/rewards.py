@@ -5,28 +5,19 @@ of each sample (``[N]`` int64, into the trainer's prompt list) and returns ``[N,
 reward component (higher is better). The trainer calls it twice per group: on the perturbed chunk ("local") and on
 the whole video ("global"), with the anchor as the last sample.
 
-Wrapping a learned reward (HPSv3, VideoAlign, ...): decode latents with the VAE, then score frames with the model::
-
-    class HPSv3Reward:
-        names = ("hpsv3",)
-        def __init__(self, vae, scorer, prompts):        # e.g. diffusers AutoencoderKLWan + the HPSv3 inferencer
-            self.vae, self.scorer, self.prompts = vae, scorer, prompts
-        @torch.no_grad()
-        def __call__(self, latents, prompt_ids):
-            video = self.vae.decode(latents / self.vae.config.scaling_factor).sample   # [N, 3, T, H, W] in [-1, 1]
-            frames = video[:, :, :: video.shape[2] // 4]                              # a few frames per clip
-            scores = [self.scorer.reward([f for f in clip.unbind(1)], [self.prompts[p]] * clip.shape[1]).mean()
-                      for clip, p in zip(frames, prompt_ids.tolist())]
-            return torch.stack(scores).float().unsqueeze(1)                         # [N, 1]
-
-VideoAlign returns several heads (visual quality, motion quality, text alignment): return them as 3 components
-(``names = ("vq", "mq", "ta")``) and weight them with ``reward.weights`` in the config.
+Learned rewards score pixels: a component with ``input = "pixels"`` receives the VAE-decoded video instead
+(``[N, 3, T, H, W]`` in [-1, 1], decoded once per group for all such components). Built in: ``{name: clip, path:
+LOCAL_CLIP_FOLDER}`` (:class:`~kvpo_kernels.trainer.learned_rewards.ClipScoreReward`). Wrapping HPSv2 / HPSv3 /
+VideoAlign-style scorers: ``examples/custom_learned_reward.py`` (a runnable example); VideoAlign's several heads
+(visual quality, motion quality, text alignment) become several components (``names = ("vq", "mq", "ta")``).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
+
+from .errors import InputTypeError, InputValueError
 
 
 @runtime_checkable
@@ -90,27 +81,71 @@ class TemporalSmoothnessReward:
 
 
 class CombinedReward:
-    """Several rewards side by side: their components concatenated, in order."""
+    """Several rewards side by side: their components concatenated, in order.
 
-    def __init__(self, rewards: Sequence[RewardFn]):
+    A component with ``input = "pixels"`` (see :mod:`~kvpo_kernels.trainer.learned_rewards`) scores the video that
+    ``decoder`` (latents ``[N, C, F, H, W]`` -> ``[N, 3, T, H', W']`` in [-1, 1]) decodes, once per call and shared
+    by every pixel component; the others score latents.
+    """
+
+    def __init__(self, rewards: Sequence[RewardFn], decoder=None):
         self.rewards = list(rewards)
         self.names = tuple(name for reward in self.rewards for name in reward.names)
+        self.decoder = decoder
+        pixel = [reward.names for reward in self.rewards if getattr(reward, "input", "latents") == "pixels"]
+        if pixel and decoder is None:
+            raise ValueError(f"reward.components: {pixel} score pixels and need a VAE (model.vae, or model.pretrained "
+                             "with a vae/ folder)")
+        self.needs_pixels = bool(pixel)
+
+    def _score(self, latents: torch.Tensor, video, prompt_ids: torch.Tensor) -> torch.Tensor:
+        scores = [check_scores(reward(video if getattr(reward, "input", "latents") == "pixels" else latents,
+                                      prompt_ids), reward, len(prompt_ids))
+                  for reward in self.rewards]
+        return torch.cat(scores, dim=1)
 
     def __call__(self, latents: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat([reward(latents, prompt_ids).float() for reward in self.rewards], dim=1)
+        return self._score(latents, self.decoder(latents) if self.needs_pixels else None, prompt_ids)
+
+
+def check_scores(scores, reward_fn, rows: int) -> torch.Tensor:
+    """A reward's output checked to be a ``[rows, len(names)]`` tensor; returned as float64 on the CPU."""
+    expected = (rows, len(reward_fn.names))
+    if not isinstance(scores, torch.Tensor):
+        raise InputTypeError(f"reward_fn: must return a tensor {list(expected)} (samples x names), got a "
+                             f"{type(scores).__name__}")
+    if tuple(scores.shape) != expected:
+        raise InputValueError(f"reward_fn: must return [samples, len(names)] = {list(expected)} "
+                              f"(names={tuple(reward_fn.names)}), got {list(scores.shape)}")
+    return scores.double().cpu()
 
 
 BUILTIN_REWARDS = {"brightness": BrightnessReward, "smoothness": TemporalSmoothnessReward}
+LEARNED_REWARDS = ("clip",)   # {name: clip, weight, path: local CLIP folder, num_frames: 4}
 
 
-def build_reward(specs: List[Dict], latent_channels: int, seed: int) -> CombinedReward:
-    """Rewards from config entries ``{"name": "brightness", "weight": 1.0, ...kwargs}`` (weights read elsewhere)."""
+def build_reward(specs: List[Dict], latent_channels: int, seed: int, *, decoder=None,
+                 prompts: Optional[Sequence[str]] = None, device="cpu", offload: bool = False) -> CombinedReward:
+    """Rewards from config entries ``{"name": "brightness", "weight": 1.0, ...kwargs}`` (weights read elsewhere).
+
+    decoder: the latent -> pixel decoder of the pixel rewards (the Wan VAE); prompts: the prompt texts; device /
+    offload: where the reward models run and whether they wait on the CPU between calls.
+    """
     rewards = []
     for spec in specs:
         kwargs = {key: value for key, value in spec.items() if key not in ("name", "weight")}
         name = spec.get("name")
-        if name not in BUILTIN_REWARDS:
-            raise ValueError(f"reward.components: unknown reward {name!r}; built-in: {sorted(BUILTIN_REWARDS)} "
-                             "(for a learned reward, build the Trainer in Python with reward_fn=...)")
-        rewards.append(BUILTIN_REWARDS[name](latent_channels, seed=seed, **kwargs))
-    return CombinedReward(rewards)
+        if name == "clip":
+            from .learned_rewards import ClipScoreReward
+
+            if "path" not in kwargs:
+                raise ValueError("reward.components clip: needs path: a local CLIP folder (save_pretrained layout)")
+            rewards.append(ClipScoreReward(kwargs.pop("path"), prompts or [], device=device, offload=offload,
+                                           **kwargs))
+        elif name in BUILTIN_REWARDS:
+            rewards.append(BUILTIN_REWARDS[name](latent_channels, seed=seed, **kwargs))
+        else:
+            raise ValueError(f"reward.components: unknown reward {name!r}; built-in: "
+                             f"{sorted(BUILTIN_REWARDS) + list(LEARNED_REWARDS)} (for another learned reward, "
+                             "build the Trainer in Python with reward_fn=...)")
+    return CombinedReward(rewards, decoder)

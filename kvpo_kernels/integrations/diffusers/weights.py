@@ -130,3 +130,29 @@ def load_causal_wan_weights(transformer, path: str, *, key: Optional[str] = None
                              f"{tuple(expected[name].shape)} (wrong model config?)")
     result = transformer.load_state_dict(converted, strict=strict)
     return result.missing_keys, result.unexpected_keys
+
+
+def require_extra(module: str, feature: str):
+    """Import optional dependency ``module`` for ``feature``, or raise an ImportError naming the ``models`` extra.
+
+    The kernels and the synthetic trainer work without peft / transformers / imageio; LoRA, text encoding, the
+    learned rewards and sample videos need them.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"{feature} needs the optional package {module.split('.')[0]!r}: "
+                          f"pip install 'kvpo_kernels[models]'") from error
+
+
+def causal_wan_module_name(module: str) -> Optional[str]:
+    """The diffusers name of an original-Wan module path (``blocks.3.self_attn.q`` -> ``blocks.3.attn1.to_q``), or
+    None when it is not a causal-Wan T2V module."""
+    if module in _TOP_LEVEL:
+        return _TOP_LEVEL[module]
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+    if match and match.group(2) in _IN_BLOCK:
+        return f"blocks.{match.group(1)}.{_IN_BLOCK[match.group(2)]}"
+    return None
