@@ -184,8 +184,3 @@ def test_two_rollouts_share_one_old_policy_and_the_ratio_acts(tmp_path):
         assert (spread == 0.0) if record["old_is_policy"] else (spread > 1e-6), record
     warm = Trainer(tiny(tmp_path / "warm", "run.resume=false")).train(steps=4)
     assert [r["lr"] for r in warm] == [0.0, 0.0, 2e-4, 2e-4]
-
-
-def test_lora_rank_is_refused_until_wired(tmp_path):
-    with pytest.raises(ValueError, match="model.lora_rank"):
-        Trainer(tiny(tmp_path, "model.lora_rank=4"))

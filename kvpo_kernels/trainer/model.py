@@ -10,9 +10,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, chunk_layout
 from .distributed import DistInfo
 from .errors import InputValueError
+from .rollout import policy_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -228,12 +229,15 @@ def plan_memory(config: TrainConfig) -> MemoryPlan:
     dim, layers = geometry.num_attention_heads * geometry.attention_head_dim, geometry.num_layers
     tokens_per_frame = (r.latent_height // 2) * (r.latent_width // 2)
     f = s.frames_per_block
-    frames = s.cache_frames + (r.num_branches + 1) * f * (r.num_blocks - r.fork_min)
+    forks = config.fork_blocks()   # the earliest eligible fork writes the most blocks
+    frames = s.cache_frames + (r.num_branches + 1) * f * (r.num_blocks - forks[0])
     kv_pool = frames * tokens_per_frame * 2 * dim * layers * width
     tokens = r.num_branches * f * tokens_per_frame
     per_layer = tokens * (12 * dim + 2 * geometry.ffn_dim) * width
     one_forward = per_layer + tokens * dim * width * layers if m.gradient_checkpointing else per_layer * layers
-    replayed = r.perturbed_blocks if config.replay.blocks == "perturbed" else r.num_blocks - r.fork_min
+    chunks = chunk_layout(r.num_blocks * f, r.streaming_chunk_size, r.streaming_min_new_frame)
+    replayed = max(policy_window(fork * f, r.perturbed_blocks, chunks, f, r.num_blocks * f,
+                                 config.replay.policy_window_frames) for fork in forks)
     forwards = 1 if config.replay.rematerialize else replayed * config.replay.grad_steps
     return MemoryPlan(params, trainable, params * width, optimizer, copies, kv_pool, one_forward * forwards)
 
