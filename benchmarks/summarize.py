@@ -121,7 +121,8 @@ def short_summary(rows: List[dict], run: dict, limit: int = 4000) -> str:
         for row in ours:
             errors = [value for key, value in row.items() if key.startswith("err_")]
             err = f" err<={max(errors):.1g}" if errors else ""
-            lines.append(f"  {row['case']} {row['provider']}: {row['median_ms']:.3g} ms{err}; "
+            tuned = f" autotune={row['autotune']}" if "autotune" in row else ""
+            lines.append(f"  {row['case']} {row['provider']}{tuned}: {row['median_ms']:.3g} ms{err}; "
                          + "; ".join(_speedup_text(s) for s in speedups(row)))
     text = "\n".join(lines)
     return text if len(text) <= limit else text[:limit - 20] + "\n... (truncated)"
