@@ -26,8 +26,9 @@ fails (a fast wrong answer is no speedup).
 extra_info: TFLOP/s (4*B*H*Lq*Lk*D forward, 3.5x for forward+backward), ``speedup_vs_<peer>`` (peer time / this
 time), ``peak_extra_MB`` (peak allocation of one call above what was allocated before it), ``autotune``
 (KVPO_TRITON_AUTOTUNE of the run) and ``autotune_picks`` (the config each autotuned kernel used, ours only).
-On CPU only one tiny smoke case runs, except in gpu_check.sh's dry run (KVPO_GPU_CHECK_DRY=1), where every case
-runs on CPU at tiny sizes in fp32 (flex uncompiled) to rehearse the code paths.
+On CPU only the tiny smoke cases run (ours paired round by round with gather+SDPA), except in gpu_check.sh's dry
+run (KVPO_GPU_CHECK_DRY=1), where every case runs on CPU at tiny sizes in fp32 (flex uncompiled) to rehearse the
+code paths.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 
 from kvpo_kernels import routed_attention
 
-from benchlib import bench_device, cross_check, dry_run  # noqa: E402  (benchmarks/ is on sys.path: rootdir conftest)
+from benchlib import bench_device, cross_check, dry_run, paired_rounds  # noqa: E402  (benchmarks/ is on sys.path)
 
 FRAME, CHUNK, HEADS, HEAD_DIM, POOL_FRAMES = 1560, 4680, 12, 128, 18
 TINY = dict(frame=7, chunk=9, heads=2, head_dim=16)  # the dry run's and the CPU smoke case's geometry
@@ -363,12 +364,21 @@ def autotune_picks() -> Dict[str, str]:
     return picks
 
 
-def reset_tma_picks() -> None:
-    """Forget the TMA kernels' last configs, so ``autotune_picks`` shows whether the TMA path really ran."""
+def _tma_autotuners() -> list:
+    from triton.runtime.autotuner import Autotuner
+
     module = sys.modules.get(TMA_MODULE)
-    for obj in vars(module).values() if module is not None else ():
-        if hasattr(obj, "best_config"):
-            obj.best_config = None
+    return [obj for obj in vars(module).values() if isinstance(obj, Autotuner)] if module is not None else []
+
+
+def reset_tma_picks() -> None:
+    """Forget the TMA kernels' last configs, so ``tma_ran`` shows whether the next call really took the TMA path."""
+    for kernel in _tma_autotuners():
+        kernel.best_config = None
+
+
+def tma_ran() -> bool:
+    return any(getattr(kernel, "best_config", None) is not None for kernel in _tma_autotuners())
 
 
 def peak_extra_mb(fn) -> Optional[float]:
@@ -405,7 +415,7 @@ def warm_up(provider: str, fn) -> Tuple[torch.Tensor, ...]:
         if provider == "routed":
             raise
         pytest.skip(f"{provider} cannot run this workload: {str(err).splitlines()[0]}")
-    if provider == "routed_tma" and not any(key.startswith("_") and "tma" in key for key in autotune_picks()):
+    if provider == "routed_tma" and not tma_ran():
         pytest.fail("KVPO_TRITON_FORWARD=tma did not reach a TMA kernel (the env var is read elsewhere?)")
     return outputs
 
@@ -443,5 +453,9 @@ def test_routed_attention_cpu_smoke(benchmark, record, pinned_threads, provider)
     fn = step_fn(PROVIDERS[provider], w, "fwd+bwd")
     extra = check_against_reference(w, "fwd+bwd", fn())
     benchmark.group = "routed_attention cpu smoke fwd+bwd fp32 (tiny)"
-    benchmark.pedantic(fn, rounds=20, warmup_rounds=2)
+    if provider == "routed":  # gather+SDPA runs right before each of our rounds: per-round ratios, their spread
+        extra.update(paired_rounds(benchmark, fn, {"gather+sdpa_flash": step_fn(run_sdpa_flash, w, "fwd+bwd")},
+                                   rounds=20, warmup=2))
+    else:
+        benchmark.pedantic(fn, rounds=20, warmup_rounds=2)
     record(benchmark, flops=w.fwd_flops() * 3.5, peer_group="cpu-smoke", provider=provider, device="cpu", **extra)
