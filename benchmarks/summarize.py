@@ -129,7 +129,18 @@ def short_summary(rows: List[dict], run: dict, limit: int = 4000) -> str:
 
 
 def _row_label(row: dict) -> str:
-    return f"{row['case']} ({row.get('threads', '?')} thr)"
+    tuned = f", autotune {row['autotune']}" if row["provider"] in OURS and "autotune" in row else ""
+    return f"{row['case']} ({row.get('threads', '?')} thr{tuned})"
+
+
+def _unique(labels: List[str]) -> List[str]:
+    """Bar labels made unique (matplotlib merges bars with equal category names)."""
+    seen: Dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return out
 
 
 def plot(rows: List[dict], out: Path, title: str) -> None:
@@ -157,10 +168,10 @@ def _plot_speedups(ax, family: str, members: List[dict]) -> None:
     ax.set_title(f"{family}: our speedup (higher is better)", fontsize=9)
     ax.set_xlabel("speedup = peer time / our time (x)")
     if not bars:
-        ax.text(0.5, 0.5, "no peer measured in this run", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no row of ours with a peer in this run", ha="center", va="center", transform=ax.transAxes)
         ax.set_yticks([])
         return
-    labels, mids = [b[0] for b in bars], [b[1] for b in bars]
+    labels, mids = _unique([b[0] for b in bars]), [b[1] for b in bars]
     low_err = [mid - low if low is not None else 0 for _, mid, low, _ in bars]
     high_err = [high - mid if high is not None else 0 for _, mid, _, high in bars]
     colors = ["tab:green" if mid >= 1 else "tab:red" for mid in mids]
@@ -175,12 +186,12 @@ def _plot_speedups(ax, family: str, members: List[dict]) -> None:
 
 
 def _plot_times(ax, family: str, members: List[dict]) -> None:
-    labels = [f"{_row_label(row)} {row['provider']}" for row in members]
+    labels = _unique([f"{_row_label(row)} {row['provider']}" for row in members])
     colors = ["tab:blue" if row["provider"] in OURS else "tab:gray" for row in members]
     ax.barh(labels, [row["median_ms"] for row in members], color=colors)
     ax.set_xscale("log")
-    ax.set_title(f"{family}: median time per call (lower is better; blue = ours)", fontsize=9)
-    ax.set_xlabel("time per call (ms, log scale)")
+    ax.set_title(f"{family}: time per call (lower is better)", fontsize=9)
+    ax.set_xlabel("median ms per call (log); blue = ours")
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
 
@@ -204,8 +215,9 @@ def main(argv=None) -> None:
     if args.markdown:
         args.markdown.write_text(report)
     if args.plot and rows:
+        dry = " - DRY RUN (CPU stand-ins for the GPU cases)" if run.get("dry_run") == "True" else ""
         plot(rows, args.plot, f"kvpo_kernels {run.get('kvpo_kernels', '?')} @ {run.get('git_commit', '?')} on "
-                              f"{run.get('device', '?')} ({run.get('date', '')})")
+                              f"{run.get('device', '?')} ({run.get('date', '')}){dry}")
     if args.short:
         print(short_summary(rows, run))
     elif not args.markdown:
