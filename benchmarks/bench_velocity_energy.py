@@ -37,7 +37,9 @@ GPU_SIZES = [(8, 4, 299_520), (16, 4, 2_096_640), (16, 8, 2_096_640)]  # ANCHORS
 DRY_SIZES = [(2, 3, 4_099)]  # the dry run's stand-in (CPU, fp32): one size exercises every code path
 CPU_SIZE = (16, 4, 299_520)
 ROUNDS, CALLS = 10, 20
-OURS, PEERS = ("triton", "cuda"), ("copy", "eager", "compile")
+# The dry run (no CUDA) stands the C++ cpu backend in for ours, so its rows exercise the ratio and copy-fraction code.
+OURS = ("cpu",) if dry_run() and not torch.cuda.is_available() else ("triton", "cuda")
+PEERS = ("copy", "eager", "compile")
 
 
 def _inputs(shape, dtype, device, requires_grad=False):

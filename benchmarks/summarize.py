@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 OURS = ("routed", "routed_tma", "triton", "cuda", "cpu", "batched")
+CEILINGS = ("copy",)  # not a competitor: the bandwidth ceiling, reported as copy_fraction
 RUN_KEYS = ("kvpo_kernels", "git_commit", "device", "cpu", "torch", "cuda", "cudnn", "triton", "python", "date",
             "load_average", "dry_run")
 THROUGHPUT = ("TFLOP/s", "GB/s")
@@ -53,13 +54,13 @@ def families(rows: List[dict]) -> "OrderedDict[str, List[dict]]":
 
 
 def speedups(row: dict) -> List[Tuple[str, float, Optional[float], Optional[float]]]:
-    """(peer, median speedup, min, max) of one of our rows against every peer that is not ours."""
+    """(peer, median speedup, min, max) of one of our rows against every peer that is neither ours nor a ceiling."""
     out = []
     for key, value in row.items():
         if not key.startswith("speedup_vs_") or key.endswith(("_min", "_median", "_max")):
             continue
         peer = key[len("speedup_vs_"):]
-        if peer in OURS:
+        if peer in OURS or peer in CEILINGS:
             continue
         spread_mid = row.get(f"{key}_median")
         out.append((peer, spread_mid if spread_mid is not None else value, row.get(f"{key}_min"),
