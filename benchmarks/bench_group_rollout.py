@@ -145,9 +145,9 @@ def test_group_rollout(benchmark, record, cuda_synchronize, pinned_threads, geom
     elif provider == "batched":
         # The sequential rollout runs right before each batched round: each round's ratio shares the machine's load.
         sequential = lambda: sequential_rollout(gen, caches["sequential"], routes, noise, prompt)  # noqa: E731
-        spread = paired_rounds(benchmark, rollout, {"sequential": sequential}, rounds=5, warmup=0)
+        spread = paired_rounds(benchmark, rollout, {"sequential": sequential}, rounds=7, warmup=0)
     else:
-        benchmark.pedantic(rollout, rounds=5, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(rollout, rounds=7, iterations=1, warmup_rounds=0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     memory = prefix.memory_bytes()

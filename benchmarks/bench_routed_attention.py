@@ -455,7 +455,7 @@ def test_routed_attention_cpu_smoke(benchmark, record, pinned_threads, provider)
     benchmark.group = "routed_attention cpu smoke fwd+bwd fp32 (tiny)"
     if provider == "routed":  # gather+SDPA runs right before each of our rounds: per-round ratios, their spread
         extra.update(paired_rounds(benchmark, fn, {"gather+sdpa_flash": step_fn(run_sdpa_flash, w, "fwd+bwd")},
-                                   rounds=20, warmup=2))
+                                   rounds=30, warmup=2))
     else:
-        benchmark.pedantic(fn, rounds=20, warmup_rounds=2)
+        benchmark.pedantic(fn, rounds=30, warmup_rounds=2)
     record(benchmark, flops=w.fwd_flops() * 3.5, peer_group="cpu-smoke", provider=provider, device="cpu", **extra)

@@ -89,11 +89,11 @@ def test_cpu_forward(benchmark, record, pinned_threads, provider):
     benchmark.group = f"velocity_energy fwd cpu fp32 {'x'.join(map(str, CPU_SIZE))}"
     if provider == "cpu":
         spread = paired_rounds(benchmark, fns["cpu"], {"compile": fns["compile"], "eager": fns["eager"]},
-                               rounds=15, warmup=2)
+                               rounds=30, warmup=2)
     else:
         for _ in range(2):  # compile / first touch outside the timing
             fns[provider]()
-        benchmark.pedantic(fns[provider], rounds=15, warmup_rounds=0)
+        benchmark.pedantic(fns[provider], rounds=30, warmup_rounds=0)
         spread = {}
     record(benchmark, bytes_moved=2 * pred.nbytes, peer_group=benchmark.group, provider=provider, device="cpu",
            **spread)
