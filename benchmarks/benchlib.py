@@ -47,7 +47,9 @@ def _git_commit() -> str:
     try:
         done = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        # Results files being rewritten by this very run do not make the code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return done.stdout.strip() + ("+dirty" if dirty else "") if done.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
