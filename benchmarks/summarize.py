@@ -131,7 +131,7 @@ def short_summary(rows: List[dict], run: dict, limit: int = 4000) -> str:
 
 def _row_label(row: dict) -> str:
     tuned = f", autotune {row['autotune']}" if row["provider"] in OURS and "autotune" in row else ""
-    return f"{row['case']} ({row.get('threads', '?')} thr{tuned})"
+    return f"{row['case']}\n({row.get('threads', '?')} thr{tuned})"
 
 
 def _unique(labels: List[str]) -> List[str]:
@@ -151,14 +151,13 @@ def plot(rows: List[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     grouped = families(rows)
-    heights = [max(2.2, 0.32 * max(len(m), 1) + 1.2) for m in grouped.values()]
+    heights = [max(2.2, 0.45 * max(len(m), 1) + 1.2) for m in grouped.values()]
     fig, axes = plt.subplots(len(grouped), 2, figsize=(13, sum(heights) + 0.8), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
     for (family, members), (ax_speed, ax_time) in zip(grouped.items(), axes):
         _plot_speedups(ax_speed, family, members)
         _plot_times(ax_time, family, members)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -180,17 +179,21 @@ def _plot_speedups(ax, family: str, members: List[dict]) -> None:
     ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
     if max(mids) / max(min(mids), 1e-9) > 20:
         ax.set_xscale("log")
-    for y, mid in enumerate(mids):
-        ax.text(mid, y, f" {mid:.2f}x", va="center", fontsize=7)
+    for y, (_, mid, _, high) in enumerate(bars):  # the value right of the bar and of its error bar
+        ax.text(max(mid, high or mid), y, f"  {mid:.2f}x", va="center", fontsize=7)
+    ax.set_xlim(right=max(high or mid for _, mid, _, high in bars) * (3 if ax.get_xscale() == "log" else 1.25))
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
 
 
 def _plot_times(ax, family: str, members: List[dict]) -> None:
+    from matplotlib.ticker import NullFormatter
+
     labels = _unique([f"{_row_label(row)} {row['provider']}" for row in members])
     colors = ["tab:blue" if row["provider"] in OURS else "tab:gray" for row in members]
     ax.barh(labels, [row["median_ms"] for row in members], color=colors)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor log ticks unlabelled: their labels collide
     ax.set_title(f"{family}: time per call (lower is better)", fontsize=9)
     ax.set_xlabel("median ms per call (log); blue = ours")
     ax.invert_yaxis()
