@@ -148,16 +148,26 @@ class GroupKVCache:
             device = torch.device("cuda", torch.cuda.current_device())
         self._pool = _BlockPool(num_layers, frame_tokens, num_heads, head_dim, dtype, device, reserve_blocks)
         self._maps: list[dict[int, int]] = [{} for _ in range(batch_size)]
+        # MemFlow's memory bank (empty unless bank_record() is used): per sequence, per layer, the (frame, block)
+        # pairs of its slots. Each entry holds one reference to its block, so a bank frame outlives its eviction
+        # from the local window without a copy.
+        self._banks: list[list[list[tuple[int, int]]]] = [[[] for _ in range(num_layers)] for _ in range(batch_size)]
         self.num_frames = 0  # frames written so far = the first frame of the next block
 
     # ----------------------------------------------------------------------------------------------- structure
-    def _spawn(self, maps: list[dict[int, int]]) -> "GroupKVCache":
+    def _spawn(self, indices: list[int]) -> "GroupKVCache":
+        """A new cache whose sequence j maps (shares) this cache's sequence ``indices[j]``: frames and bank."""
         child = object.__new__(GroupKVCache)
-        child.__dict__.update({key: value for key, value in self.__dict__.items() if key not in ("_maps", "_appended")})
-        child._maps = [dict(m) for m in maps]
-        for frame_map in child._maps:
+        child.__dict__.update({key: value for key, value in self.__dict__.items()
+                               if key not in ("_maps", "_banks", "_appended")})
+        child._maps = [dict(self._maps[i]) for i in indices]
+        child._banks = [[list(slots) for slots in self._banks[i]] for i in indices]
+        for frame_map, banks in zip(child._maps, child._banks):
             for block in frame_map.values():
                 self._pool.incref(block)
+            for slots in banks:
+                for _, block in slots:
+                    self._pool.incref(block)
         return child
 
     def __repr__(self) -> str:
@@ -198,7 +208,7 @@ class GroupKVCache:
         stays valid and unchanged (a snapshot); frames either writes later are private to the writer.
         """
         _check_int("num_branches", num_branches, 1)
-        return self._spawn([self._maps[j // num_branches] for j in range(self.batch_size * num_branches)])
+        return self._spawn([j // num_branches for j in range(self.batch_size * num_branches)])
 
     def select(self, indices: Sequence[int]) -> "GroupKVCache":
         """A new cache holding sequences ``indices`` of this one (any order, repeats allowed), sharing their blocks."""
@@ -209,7 +219,7 @@ class GroupKVCache:
             _check_int("indices", index, 0)
             if index >= self.batch_size:
                 raise ValueError(f"indices: sequence {index} out of range for batch_size {self.batch_size}")
-        return self._spawn([self._maps[i] for i in indices])
+        return self._spawn(indices)
 
     def reserve(self, num_blocks: int) -> None:
         """Make the shared pool hold at least ``num_blocks`` blocks (free or used), growing it now in one step.
@@ -228,6 +238,11 @@ class GroupKVCache:
             for block in frame_map.values():
                 self._pool.decref(block)
             frame_map.clear()
+        for banks in getattr(self, "_banks", ()):
+            for slots in banks:
+                for _, block in slots:
+                    self._pool.decref(block)
+                slots.clear()
 
     def __del__(self):
         try:
@@ -364,6 +379,76 @@ class GroupKVCache:
         rewritten = torch.tensor(ids, dtype=torch.int64, device=device)
         self._appended = (rewritten, [block for row in ids for block in row])
         return rewritten
+
+    # ------------------------------------------------------------------------------------- memory bank (MemFlow)
+    def bank_frames(self, sequence: int = 0, layer: int = 0) -> list[int]:
+        """Frames in the memory bank of one sequence and layer, in slot order (MemFlow; empty otherwise)."""
+        self._check_layer(layer)
+        return [frame for frame, _ in self._banks[sequence][layer]]
+
+    def bank_blocks(self, layer: int) -> list[list[int]]:
+        """Block ids of every sequence's bank slots in layer ``layer``: ``[B][slots]`` (same count per sequence)."""
+        self._check_layer(layer)
+        return [[block for _, block in banks[layer]] for banks in self._banks]
+
+    def bank_record(self, frame: int, slot: int, capacity: int, scores: Optional[torch.Tensor] = None) -> None:
+        """Put ``frame`` (resident, or already in the bank) into bank slot ``slot`` of every sequence and layer.
+
+        ``slot < capacity``: the frame replaces the slot's occupant, or opens the slot when it is the next one.
+        ``slot >= capacity`` (bank full): each sequence and layer keeps the ``capacity - 1`` slots of highest
+        ``scores [num_layers, B, capacity]`` (its text saliency) and appends the frame. Dropped slots release
+        their block references; nothing is copied.
+        """
+        frame = _check_int("frame", frame, 0)
+        slot, capacity = _check_int("slot", slot, 0), _check_int("capacity", capacity, 1)
+        full = slot >= capacity
+        if full and (not isinstance(scores, torch.Tensor)
+                     or tuple(scores.shape) != (self.num_layers, self.batch_size, capacity)):
+            raise ValueError(f"scores must be a [num_layers, B, capacity] = "
+                             f"{[self.num_layers, self.batch_size, capacity]} tensor when the bank is full")
+        for b, (frame_map, banks) in enumerate(zip(self._maps, self._banks)):
+            block = frame_map.get(frame, dict(banks[0]).get(frame))
+            if block is None:
+                raise ValueError(f"frame {frame} of sequence {b} is neither resident nor in the bank (resident: "
+                                 f"{sorted(frame_map)}, bank: {[f for f, _ in banks[0]]})")
+            for layer, slots in enumerate(banks):
+                if full:
+                    if len(slots) != capacity:
+                        raise ValueError(f"slot {slot}: the bank holds {len(slots)} slots, not a full bank of "
+                                         f"{capacity}")
+                    keep = set(torch.topk(scores[layer, b].float(), capacity - 1).indices.tolist())
+                    for index, (_, old) in enumerate(slots):
+                        if index not in keep:
+                            self._pool.decref(old)
+                    slots[:] = [entry for index, entry in enumerate(slots) if index in keep]
+                elif slot < len(slots):
+                    self._pool.decref(slots.pop(slot)[1])
+                elif slot > len(slots):
+                    raise ValueError(f"slot {slot}: the bank holds {len(slots)} slots, so the next is {len(slots)}")
+                slots.insert(min(slot, len(slots)), (frame, block))
+                self._pool.incref(block)
+
+    def bank_block_tables(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
+                          device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer: :meth:`block_table`'s rows with
+        the layer's bank blocks after the sink, ``[sink | bank | local or route + nearest]`` (MemFlow). A bank
+        frame that is also in the window is listed twice, as the released attention concatenates both."""
+        start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
+        table, counts = self.block_table(start, routes, device="cpu")
+        sink = min(self.sink_frames, start)
+        history = [table[b, :counts[b]].tolist() for b in range(self.batch_size)]
+        target = self.device if device is None else torch.device(device)
+        if target.type == "meta":
+            target = torch.device("cpu")
+        tables = []
+        for layer in range(self.num_layers):
+            rows = [row[:sink] + [block for _, block in banks[layer]] + row[sink:]
+                    for row, banks in zip(history, self._banks)]
+            width = max(1, max(len(row) for row in rows))
+            tables.append((torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32,
+                                        device=target),
+                           torch.tensor([len(row) for row in rows], dtype=torch.int32, device=target)))
+        return tables
 
     # ------------------------------------------------------------------------------------------ writing, eviction
     def append_frames(self, num_frames: Optional[int] = None) -> torch.Tensor:
