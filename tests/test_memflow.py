@@ -240,3 +240,41 @@ def test_memflow_off_by_default_and_bad_config():
     clean, prompt = _inputs(config, 1, 2, seed=0)
     with pytest.raises(ValueError, match="switch_frames"):
         gen.generate(clean, [prompt, prompt], switch_frames=[3])
+
+
+def test_memflow_preset_is_longlive_plus_the_bank():
+    """memflow1.3b = wan1.3b + the released differences that are geometry (docs/memflow.md lists every value)."""
+    from kvpo_kernels.trainer.config import config_differences, load_config
+
+    memflow, longlive = load_config("memflow1.3b"), load_config("wan1.3b")
+    assert config_differences(longlive.to_dict(), memflow.to_dict()) == {
+        "streaming.nearest_frames": (4, 3), "streaming.memory_bank_frames": (0, 3),
+        "model.causal_checkpoint_key": (None, "generator"),
+        "run.output_dir": ("runs/wan1.3b", "runs/memflow1.3b")}
+    assert memflow.streaming.bank_record_interval == 3 and memflow.streaming.bank_rule == "rollout"
+    assert memflow.num_routed() == 12 - 3 - 3
+
+
+def test_trainer_steps_with_the_bank_and_never_grows_the_pool(tmp_path, monkeypatch):
+    """kvpo-train's rollout and replay run in MemFlow mode (tiny model); the pool is sized up front incl. the bank."""
+    from _trainer_setup import FAST
+    from kvpo_kernels.cache import _BlockPool
+    from kvpo_kernels.trainer.config import load_config
+    from kvpo_kernels.trainer.loop import Trainer
+    from kvpo_kernels.trainer.rollout import group_rollout, replay_energies
+
+    config = load_config("tiny", overrides=FAST + [f"run.output_dir={tmp_path}", "streaming.memory_bank_frames=2",
+                                                   "streaming.bank_record_interval=2"])
+    trainer = Trainer(config)
+    assert trainer.generator.config.memory_bank_frames == 2
+    grows, real_grow = [], _BlockPool.grow
+    monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
+    ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=6,
+                       perturbed_blocks=1, num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
+                       rng=torch.Generator().manual_seed(0))
+    assert ro.prefix_cache.bank_frames(0, 0) and len(ro.prefix_cache.bank_frames(0, 0)) == 2
+    energies = replay_energies(trainer.generator, ro, num_blocks=2, grad_steps=1)
+    assert len(grows) == 1, f"the pool grew after it was made: {grows}"
+    assert torch.isfinite(energies).all()
+    records = trainer.train(steps=2)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)

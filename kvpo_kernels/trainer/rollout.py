@@ -309,10 +309,11 @@ def _generate_group(gen, segments, switches, num_blocks, fork_block, perturbed_b
     # sequences write after the fork (eviction frees none of those before the chunk ends). Growing on demand would
     # double the pool, copying it with old and new alive (at the 1.3B geometry, 287 MB per frame: 26 + 52 GB).
     # The replays later fork the same pool; the group's blocks are free again by then. A prompt switch re-encodes
-    # the window into fresh blocks before it frees the old ones: room for that once per sequence.
+    # the window into fresh blocks before it frees the old ones: room for that once per sequence. MemFlow's bank
+    # holds up to memory_bank_frames more (frames evicted from the window, shared by the group).
     recache = (num_branches + 1) * (cfg.window_frames - cfg.sink_frames) if switches else 0
     cache = gen.new_cache(1, reserve_blocks=cfg.cache_frames + (num_branches + 1) * f * (num_blocks - fork_block)
-                          + recache)
+                          + recache + cfg.memory_bank_frames)
     prefix = []
     for block in range(fork_block):
         prefix.append(run_block(cache, block, 1, lambda: torch.cat(prefix, dim=2)).x0)
