@@ -278,3 +278,22 @@ def test_trainer_steps_with_the_bank_and_never_grows_the_pool(tmp_path, monkeypa
     assert torch.isfinite(energies).all()
     records = trainer.train(steps=2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+def test_triton_backend_reads_the_per_layer_bank_tables():
+    """The Triton kernel (interpreted on CPU) reads the per-layer tables, repeated bank blocks included, as the
+    torch path does (which the reference pins above)."""
+    config = _config("rollout", 2, 2)
+    model = _model(11)
+    triton, torch_path = (StreamingWanGenerator(model, config, backend=name) for name in ("triton", "torch"))
+    clean, prompt = _inputs(config, 2, 6, seed=5)
+    caches = triton.new_cache(2), torch_path.new_cache(2)
+    for index in range(6):
+        x_t = torch.randn_like(_block(clean, config, index))
+        with torch.no_grad():
+            got, want = (gen.predict_x0(cache, index, x_t, 0.5, prompt)
+                         for gen, cache in zip((triton, torch_path), caches))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for gen, cache in zip((triton, torch_path), caches):
+            gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    assert caches[0].bank_frames(0, 0) == caches[1].bank_frames(0, 0) and len(caches[0].bank_frames(0, 0)) == 2
