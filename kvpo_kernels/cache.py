@@ -149,7 +149,8 @@ class GroupKVCache:
         self._pool = _BlockPool(num_layers, frame_tokens, num_heads, head_dim, dtype, device, reserve_blocks)
         self._maps: list[dict[int, int]] = [{} for _ in range(batch_size)]
         # MemFlow's memory bank (empty unless bank_record() is used): per sequence, per layer, the (frame, block)
-        # pairs of its slots. Each entry holds one reference to its block, so a bank frame outlives its eviction
+        # pairs of its slots. A sequence holds one reference to each distinct block its bank names (in any layer),
+        # so a bank frame outlives its eviction from the window, and a bank-only block is private to its sequence.
         # from the local window without a copy.
         self._banks: list[list[list[tuple[int, int]]]] = [[[] for _ in range(num_layers)] for _ in range(batch_size)]
         self.num_frames = 0  # frames written so far = the first frame of the next block
@@ -162,13 +163,14 @@ class GroupKVCache:
                                if key not in ("_maps", "_banks", "_appended")})
         child._maps = [dict(self._maps[i]) for i in indices]
         child._banks = [[list(slots) for slots in self._banks[i]] for i in indices]
-        for frame_map, banks in zip(child._maps, child._banks):
-            for block in frame_map.values():
+        for sequence, frame_map in enumerate(child._maps):
+            for block in list(frame_map.values()) + list(child._bank_set(sequence)):
                 self._pool.incref(block)
-            for slots in banks:
-                for _, block in slots:
-                    self._pool.incref(block)
         return child
+
+    def _bank_set(self, sequence: int) -> set[int]:
+        """The distinct blocks named by a sequence's bank in any layer (each holds one reference)."""
+        return {block for slots in self._banks[sequence] for _, block in slots}
 
     def __repr__(self) -> str:
         mem = self.memory_bytes()
@@ -238,10 +240,10 @@ class GroupKVCache:
             for block in frame_map.values():
                 self._pool.decref(block)
             frame_map.clear()
-        for banks in getattr(self, "_banks", ()):
-            for slots in banks:
-                for _, block in slots:
-                    self._pool.decref(block)
+        for sequence in range(len(getattr(self, "_banks", ()))):
+            for block in self._bank_set(sequence):
+                self._pool.decref(block)
+            for slots in self._banks[sequence]:
                 slots.clear()
 
     def __del__(self):
@@ -397,7 +399,7 @@ class GroupKVCache:
         ``slot < capacity``: the frame replaces the slot's occupant, or opens the slot when it is the next one.
         ``slot >= capacity`` (bank full): each sequence and layer keeps the ``capacity - 1`` slots of highest
         ``scores [num_layers, B, capacity]`` (its text saliency) and appends the frame. Dropped slots release
-        their block references; nothing is copied.
+        their block references once no layer names them; nothing is copied.
         """
         frame = _check_int("frame", frame, 0)
         slot, capacity = _check_int("slot", slot, 0), _check_int("capacity", capacity, 1)
@@ -406,27 +408,27 @@ class GroupKVCache:
                      or tuple(scores.shape) != (self.num_layers, self.batch_size, capacity)):
             raise ValueError(f"scores must be a [num_layers, B, capacity] = "
                              f"{[self.num_layers, self.batch_size, capacity]} tensor when the bank is full")
+        held = len(self._banks[0][0]) if self._banks else 0
+        if (full and held != capacity) or (not full and slot > held):
+            raise ValueError(f"slot {slot}: the bank holds {held} of {capacity} slots, so the next slot is "
+                             f"{min(held, capacity)}")
         for b, (frame_map, banks) in enumerate(zip(self._maps, self._banks)):
             block = frame_map.get(frame, dict(banks[0]).get(frame))
             if block is None:
                 raise ValueError(f"frame {frame} of sequence {b} is neither resident nor in the bank (resident: "
                                  f"{sorted(frame_map)}, bank: {[f for f, _ in banks[0]]})")
+            before = self._bank_set(b)
             for layer, slots in enumerate(banks):
                 if full:
-                    if len(slots) != capacity:
-                        raise ValueError(f"slot {slot}: the bank holds {len(slots)} slots, not a full bank of "
-                                         f"{capacity}")
                     keep = set(torch.topk(scores[layer, b].float(), capacity - 1).indices.tolist())
-                    for index, (_, old) in enumerate(slots):
-                        if index not in keep:
-                            self._pool.decref(old)
-                    slots[:] = [entry for index, entry in enumerate(slots) if index in keep]
-                elif slot < len(slots):
-                    self._pool.decref(slots.pop(slot)[1])
-                elif slot > len(slots):
-                    raise ValueError(f"slot {slot}: the bank holds {len(slots)} slots, so the next is {len(slots)}")
-                slots.insert(min(slot, len(slots)), (frame, block))
-                self._pool.incref(block)
+                    slots[:] = [entry for index, entry in enumerate(slots) if index in keep] + [(frame, block)]
+                else:
+                    slots[slot:slot + 1] = [(frame, block)]
+            after = self._bank_set(b)
+            for new in after - before:
+                self._pool.incref(new)
+            for old in before - after:
+                self._pool.decref(old)
 
     def bank_block_tables(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
                           device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -521,13 +523,15 @@ class GroupKVCache:
         ``private``: blocks mapped by exactly one sequence; ``total = shared + private`` (each block counted once);
         ``per_layer``: ``total / num_layers``; ``per_sequence_private``: private bytes of each sequence;
         ``pool``: bytes allocated by the pool (incl. free blocks and blocks of other caches); ``block``: one frame.
+        MemFlow bank blocks count too (a frame both in a sequence's window and in its bank is held twice: shared).
         """
         block_bytes = self._pool.block_bytes
         blocks = set()
         per_sequence = []
-        for frame_map in self._maps:
-            blocks.update(frame_map.values())
-            per_sequence.append(sum(block_bytes for b in frame_map.values() if self._pool.refcount[b] == 1))
+        for sequence, frame_map in enumerate(self._maps):
+            held = set(frame_map.values()) | self._bank_set(sequence)
+            blocks.update(held)
+            per_sequence.append(sum(block_bytes for b in held if self._pool.refcount[b] == 1))
         shared = sum(block_bytes for b in blocks if self._pool.refcount[b] > 1)
         private = sum(per_sequence)
         return {"shared": shared, "private": private, "total": shared + private,

@@ -187,6 +187,10 @@ def test_bank_frames_outlive_the_local_window_without_copies():
     assert len(tables) == TINY["num_layers"] and int(tables[0][1][0]) == 3 + 3 + 6  # sink + bank + window
     used = sum(1 for count in cache._pool.refcount if count)
     assert used == len(cache.frames(0)) + 1  # frame 9 is held by the bank only (0: sink, 18: window)
+    block_9 = cache.bank_blocks(0)[0][1]
+    assert cache._pool.refcount[block_9] == 1  # one reference for the sequence, whichever layers name it
+    memory = cache.memory_bytes()
+    assert memory["total"] == used * memory["block"]
     cache.release()
     assert not any(cache._pool.refcount)
 
