@@ -178,7 +178,7 @@ def test_bank_frames_outlive_the_local_window_without_copies():
     """A bank frame evicted from the window stays in the pool through the bank's reference; released with it."""
     config = _config("rollout", 3, 3)
     gen = StreamingWanGenerator(_model(2), config, backend="torch")
-    clean, prompt = _inputs(config, 1, 9, seed=1)
+    clean, prompt = _inputs(config, 1, 13, seed=1)
     cache = gen.new_cache(1)
     for index in range(9):
         gen.commit_block(cache, index, _block(clean, config, index), prompt)
@@ -191,6 +191,10 @@ def test_bank_frames_outlive_the_local_window_without_copies():
     assert cache._pool.refcount[block_9] == 1  # one reference for the sequence, whichever layers name it
     memory = cache.memory_bytes()
     assert memory["total"] == used * memory["block"]
+    for index in range(9, 13):  # compressions: the dropped slots' blocks return to the pool
+        gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    held = {b for frame_map in cache._maps for b in frame_map.values()} | cache._bank_set(0)
+    assert {b for b, count in enumerate(cache._pool.refcount) if count} == held
     cache.release()
     assert not any(cache._pool.refcount)
 
@@ -209,6 +213,13 @@ def test_group_fork_shares_the_bank_and_routes_only_the_local_part():
     blocks_before = cache._pool.num_blocks
     used_before = sum(1 for count in cache._pool.refcount if count)
     group = cache.fork(3)
+    # Every reference is accounted for: one per sequence mapping a block, one per sequence whose bank names it.
+    expected = [0] * cache._pool.num_blocks
+    for holder in (cache, group):
+        for sequence, frame_map in enumerate(holder._maps):
+            for block in list(frame_map.values()) + list(holder._bank_set(sequence)):
+                expected[block] += 1
+    assert cache._pool.refcount == expected
     assert sum(1 for count in cache._pool.refcount if count) == used_before and cache._pool.num_blocks == blocks_before
     assert group.bank_blocks(1) == [cache.bank_blocks(1)[0]] * 3
     assert group.memory_bytes()["private"] == 0
