@@ -153,6 +153,7 @@ class GroupKVCache:
         # so a bank frame outlives its eviction from the window, and a bank-only block is private to its sequence.
         # from the local window without a copy.
         self._banks: list[list[list[tuple[int, int]]]] = [[[] for _ in range(num_layers)] for _ in range(batch_size)]
+        self.bank_last: Optional[tuple[int, int]] = None  # (frame, slot) of the latest bank_record()
         self.num_frames = 0  # frames written so far = the first frame of the next block
 
     # ----------------------------------------------------------------------------------------------- structure
@@ -429,6 +430,7 @@ class GroupKVCache:
                 self._pool.incref(new)
             for old in before - after:
                 self._pool.decref(old)
+        self.bank_last = (frame, slot)
 
     def bank_block_tables(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
                           device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -41,7 +41,7 @@ def _rotate(x, cos, sin):
     return out
 
 
-def _released_banks(config, num_blocks, saliency):
+def _released_banks(config, num_blocks, saliency, frozen_from=None):
     """Bank read by each block (lists of frames), one per sequence: the released counters, in frame units.
 
     ``saliency(b, frames) -> [len(frames)]`` scores. Per block i: the q_bank write / compress of the first step,
@@ -59,7 +59,8 @@ def _released_banks(config, num_blocks, saliency):
         end_bank = ((i + 1) - 1) // ri + 1
         local_end_bank = l + end_bank - g
         reads.append(list(slots[:min(local_end_bank - (i % ri == 0), size)]))
-        if config.bank_rule == "inference" or i % ri == 0:
+        recording = frozen_from is None or i < frozen_from  # the replay: update_bank=False from the fork on
+        if recording and (config.bank_rule == "inference" or i % ri == 0):
             pending, g, l = i * f, end_bank, local_end_bank
     return reads
 
@@ -84,8 +85,9 @@ def _frame_counts(config, num_frames, banks, routes_by_block):
 class _ReferenceSelfAttention:
     """One layer: its bank simulated from this forward's own keys and text keys, then masked attention."""
 
-    def __init__(self, config, cross_attn, text, routes_by_block):
+    def __init__(self, config, cross_attn, text, routes_by_block, frozen_from):
         self.config, self.cross, self.text, self.routes = config, cross_attn, text, routes_by_block
+        self.frozen_from = frozen_from
         self.inner = WanAttnProcessor()
         self.banks = None
 
@@ -101,7 +103,8 @@ class _ReferenceSelfAttention:
                 k = frame_keys[b, frames].flatten(0, 1)  # [n T, H, D]
                 scores = torch.einsum("lhd,shd->hls", text_q[b], k) / math.sqrt(k.shape[-1])
                 return scores.mean(1).mean(0).view(len(frames), TOKENS).mean(1)
-            banks = _released_banks(self.config, num_frames // self.config.frames_per_block, saliency)
+            banks = _released_banks(self.config, num_frames // self.config.frames_per_block, saliency,
+                                    self.frozen_from)
             self.banks.append(banks)
             counts = _frame_counts(self.config, num_frames, banks, self.routes)
             masks.append(counts.log().repeat_interleave(TOKENS, 0).repeat_interleave(TOKENS, 1))
@@ -109,7 +112,7 @@ class _ReferenceSelfAttention:
         return self.inner(attn, hidden_states, None, mask, rotary_emb)
 
 
-def _reference_x0(model, config, history, x_t, sigma, prompt, routes_by_block=None):
+def _reference_x0(model, config, history, x_t, sigma, prompt, routes_by_block=None, frozen_from=None):
     """x0 of the block after ``history`` (truth fp64, baseline fp32) and the fp64 run's banks [layer][b][block]."""
     video = torch.cat([history, x_t], dim=2)
     start = history.shape[2]
@@ -120,7 +123,7 @@ def _reference_x0(model, config, history, x_t, sigma, prompt, routes_by_block=No
         reference = copy.deepcopy(model).to(dtype)
         text = [None]
         reference.condition_embedder.register_forward_hook(lambda module, args, output: text.__setitem__(0, output[2]))
-        processors = [_ReferenceSelfAttention(config, block.attn2, text, routes_by_block or {})
+        processors = [_ReferenceSelfAttention(config, block.attn2, text, routes_by_block or {}, frozen_from)
                       for block in reference.blocks]
         for block, processor in zip(reference.blocks, processors):
             block.attn1.set_processor(processor)
@@ -172,6 +175,28 @@ def test_streaming_memflow_equals_masked_full_forward(rule, bank, interval, bloc
     assert all(len(frames) == bank for frames in final)
     recorded = [r * 3 for r in range(0, blocks, 1 if rule == "inference" else interval)]
     assert any(frames != recorded[:bank] for frames in final)
+
+
+def test_replay_commits_record_no_bank_frame():
+    """record_bank=False (the trainer's replay) equals the released forwards with update_bank=False from the fork:
+    the bank steps repeat with the snapshot's last recorded frame."""
+    config = _config("rollout", 2, 2)
+    model = _model(3)
+    gen = StreamingWanGenerator(model, config, backend="torch")
+    blocks, fork = 9, 5
+    clean, prompt = _inputs(config, 2, blocks, seed=2)
+    cache = gen.new_cache(2)
+    for index in range(blocks):
+        if index > fork:
+            x_t = torch.randn_like(_block(clean, config, index))
+            sigma = torch.rand(2) * 0.9 + 0.05
+            got = gen.predict_x0(cache, index, x_t, sigma, prompt)
+            (truth, baseline), banks = _reference_x0(model, config, clean[:, :, :index * 3], x_t, sigma, prompt,
+                                                     frozen_from=fork)
+            assert_close_to_truth(f"replayed x0 of block {index}", got, truth, baseline)
+            assert sorted(cache.bank_frames(1, 1)) == sorted(banks[1][1][index])
+        gen.commit_block(cache, index, _block(clean, config, index), prompt, record_bank=index < fork)
+    assert 6 * 3 not in cache.bank_frames(0, 0) and 8 * 3 not in cache.bank_frames(0, 0)
 
 
 def test_bank_frames_outlive_the_local_window_without_copies():

@@ -37,6 +37,8 @@ block at once. Replay context (released): each replayed block's history for the 
 own last-step x0, committed as the rollout commits (timestep ``context_noise``, the rollout's own commit noise), not
 the rollout's clean block; so a replay by the rollout policy reproduces the rollout exactly. (The released code
 draws fresh commit noise in the replay; at its default, context_noise 0, we commit x0 exactly: no noise at all.)
+MemFlow: the replay records no new bank frame (released: ``update_bank=False``), so a replay whose window holds a
+record block reads another bank than its rollout did, as in the released code.
 With ``rematerialize``, :func:`backward_through_replay` trades one extra forward per gradient step for holding only
 one forward's activations.
 
@@ -365,7 +367,9 @@ def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, ene
             last.append(gen.predict_x0(cache, block, rollout.x_t[i, steps - 1, :G], sigmas[steps - 1], embeds))
             if i + 1 < num_blocks:
                 noise = None if rollout.commit_noise is None else rollout.commit_noise[i].expand(G, -1, -1, -1, -1)
-                gen.commit_block(cache, block, last[-1], embeds, commit_noise=noise)
+                # MemFlow: the released replay runs every forward with update_bank=False (trainer/kvpo.py
+                # l. 2043-2056): its bank records no new frame (a no-op without a bank).
+                gen.commit_block(cache, block, last[-1], embeds, commit_noise=noise, record_bank=False)
     return sigmas, weights, caches, embeds, last
 
 

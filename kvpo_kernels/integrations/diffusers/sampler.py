@@ -168,11 +168,15 @@ class StreamingWanGenerator:
             return cache.bank_block_tables(start, routes, device=device)
         return cache.block_table(start, routes, device=device)
 
-    def _record_bank(self, cache: GroupKVCache, block_index: int, prompt_embeds: torch.Tensor) -> None:
+    def _record_bank(self, cache: GroupKVCache, block_index: int, prompt_embeds: torch.Tensor,
+                     record: bool) -> None:
         """MemFlow's bank update after committing block ``block_index`` (what the released code does at the next
         block's first step): the recorded frame goes to its slot, or, past the last slot, replaces the least
-        text-salient one (the rule: ``memflow.py``)."""
-        frame, slot = bank_record_slot(self.config, block_index)
+        text-salient one (the rule: ``memflow.py``). ``record=False``: the bank step repeats with the frame
+        recorded last, as the released replay's forwards (``update_bank=False``, ``q_bank`` at each block) do."""
+        if not record and cache.bank_last is None:
+            return
+        frame, slot = bank_record_slot(self.config, block_index) if record else cache.bank_last
         full = slot >= self.config.memory_bank_frames
         scores = bank_saliency(self.transformer, cache, prompt_embeds) if full else None
         cache.bank_record(frame, slot, self.config.memory_bank_frames, scores)
@@ -207,10 +211,12 @@ class StreamingWanGenerator:
 
     @torch.no_grad()
     def commit_block(self, cache: GroupKVCache, block_index: int, x0: torch.Tensor, prompt_embeds, *,
-                     routes: Optional[Sequence] = None, commit_noise: Optional[torch.Tensor] = None) -> None:
+                     routes: Optional[Sequence] = None, commit_noise: Optional[torch.Tensor] = None,
+                     record_bank: bool = True) -> None:
         """One forward of the clean block ``x0 [B, C, f, H, W]`` at timestep ``config.context_noise`` that writes
         its K/V into the cache (the block must be the cache's next one), then evicts the frames no later block can
-        read. With ``context_noise > 0`` the input is ``(1 - c) x0 + c commit_noise`` (fresh ``randn`` when None)."""
+        read. With ``context_noise > 0`` the input is ``(1 - c) x0 + c commit_noise`` (fresh ``randn`` when None).
+        MemFlow: then the bank update; ``record_bank=False`` records no new frame (the released KVPO replay)."""
         start = self._start(block_index)
         prompt_embeds = self._check_block(cache, "x0", x0, prompt_embeds)
         if cache.num_frames != start:
@@ -224,7 +230,7 @@ class StreamingWanGenerator:
             self._forward(cache, start, x_in, self._sigma(self.config.context_sigma, x0.shape[0], x0.device),
                           prompt_embeds, tables, write_ids)
             if self.config.memory_bank_frames:
-                self._record_bank(cache, block_index, prompt_embeds)
+                self._record_bank(cache, block_index, prompt_embeds, record_bank)
         finally:
             cache.evict()
 
