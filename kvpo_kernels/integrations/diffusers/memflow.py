@@ -35,6 +35,10 @@ Which forwards run with ``update_bank`` differs between the two released pipelin
   takes the first frame of every block and advances every ri blocks: with S = ri = 3 the bank is [6, 15, 24] at
   block 9 (the first frame of the block before each record block), then each block evicts one slot.
 
+KVPO's replay (``trainer/kvpo.py`` l. 2043-2056) runs every forward with ``update_bank=False`` but ``q_bank`` at
+each block's first step: no new frame is recorded, and the bank step repeats with the snapshot's pending frame
+(``commit_block(..., record_bank=False)``; the trainer's replay passes it).
+
 Equivalent frame-level form used here: after committing block j, the recorded block is r = j ("inference") or
 ``r = j - j % ri`` ("rollout"); its first frame r f goes to slot ``r // ri``, or (slot >= S) replaces the least
 salient slot. Doing this at the end of block j's commit instead of at block j + 1's first step is the same: nothing
