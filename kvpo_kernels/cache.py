@@ -148,17 +148,30 @@ class GroupKVCache:
             device = torch.device("cuda", torch.cuda.current_device())
         self._pool = _BlockPool(num_layers, frame_tokens, num_heads, head_dim, dtype, device, reserve_blocks)
         self._maps: list[dict[int, int]] = [{} for _ in range(batch_size)]
+        # MemFlow's memory bank (empty unless bank_record() is used): per sequence, per layer, the (frame, block)
+        # pairs of its slots. A sequence holds one reference to each distinct block its bank names (in any layer),
+        # so a bank frame outlives its eviction from the window, and a bank-only block is private to its sequence.
+        # from the local window without a copy.
+        self._banks: list[list[list[tuple[int, int]]]] = [[[] for _ in range(num_layers)] for _ in range(batch_size)]
+        self.bank_last: Optional[tuple[int, int]] = None  # (frame, slot) of the latest bank_record()
         self.num_frames = 0  # frames written so far = the first frame of the next block
 
     # ----------------------------------------------------------------------------------------------- structure
-    def _spawn(self, maps: list[dict[int, int]]) -> "GroupKVCache":
+    def _spawn(self, indices: list[int]) -> "GroupKVCache":
+        """A new cache whose sequence j maps (shares) this cache's sequence ``indices[j]``: frames and bank."""
         child = object.__new__(GroupKVCache)
-        child.__dict__.update({key: value for key, value in self.__dict__.items() if key not in ("_maps", "_appended")})
-        child._maps = [dict(m) for m in maps]
-        for frame_map in child._maps:
-            for block in frame_map.values():
+        child.__dict__.update({key: value for key, value in self.__dict__.items()
+                               if key not in ("_maps", "_banks", "_appended")})
+        child._maps = [dict(self._maps[i]) for i in indices]
+        child._banks = [[list(slots) for slots in self._banks[i]] for i in indices]
+        for sequence, frame_map in enumerate(child._maps):
+            for block in list(frame_map.values()) + list(child._bank_set(sequence)):
                 self._pool.incref(block)
         return child
+
+    def _bank_set(self, sequence: int) -> set[int]:
+        """The distinct blocks named by a sequence's bank in any layer (each holds one reference)."""
+        return {block for slots in self._banks[sequence] for _, block in slots}
 
     def __repr__(self) -> str:
         mem = self.memory_bytes()
@@ -198,7 +211,7 @@ class GroupKVCache:
         stays valid and unchanged (a snapshot); frames either writes later are private to the writer.
         """
         _check_int("num_branches", num_branches, 1)
-        return self._spawn([self._maps[j // num_branches] for j in range(self.batch_size * num_branches)])
+        return self._spawn([j // num_branches for j in range(self.batch_size * num_branches)])
 
     def select(self, indices: Sequence[int]) -> "GroupKVCache":
         """A new cache holding sequences ``indices`` of this one (any order, repeats allowed), sharing their blocks."""
@@ -209,7 +222,7 @@ class GroupKVCache:
             _check_int("indices", index, 0)
             if index >= self.batch_size:
                 raise ValueError(f"indices: sequence {index} out of range for batch_size {self.batch_size}")
-        return self._spawn([self._maps[i] for i in indices])
+        return self._spawn(indices)
 
     def reserve(self, num_blocks: int) -> None:
         """Make the shared pool hold at least ``num_blocks`` blocks (free or used), growing it now in one step.
@@ -228,6 +241,11 @@ class GroupKVCache:
             for block in frame_map.values():
                 self._pool.decref(block)
             frame_map.clear()
+        for sequence in range(len(getattr(self, "_banks", ()))):
+            for block in self._bank_set(sequence):
+                self._pool.decref(block)
+            for slots in self._banks[sequence]:
+                slots.clear()
 
     def __del__(self):
         try:
@@ -369,6 +387,77 @@ class GroupKVCache:
         self._appended = (rewritten, [block for row in ids for block in row])
         return rewritten
 
+    # ------------------------------------------------------------------------------------- memory bank (MemFlow)
+    def bank_frames(self, sequence: int = 0, layer: int = 0) -> list[int]:
+        """Frames in the memory bank of one sequence and layer, in slot order (MemFlow; empty otherwise)."""
+        self._check_layer(layer)
+        return [frame for frame, _ in self._banks[sequence][layer]]
+
+    def bank_blocks(self, layer: int) -> list[list[int]]:
+        """Block ids of every sequence's bank slots in layer ``layer``: ``[B][slots]`` (same count per sequence)."""
+        self._check_layer(layer)
+        return [[block for _, block in banks[layer]] for banks in self._banks]
+
+    def bank_record(self, frame: int, slot: int, capacity: int, scores: Optional[torch.Tensor] = None) -> None:
+        """Put ``frame`` (resident, or already in the bank) into bank slot ``slot`` of every sequence and layer.
+
+        ``slot < capacity``: the frame replaces the slot's occupant, or opens the slot when it is the next one.
+        ``slot >= capacity`` (bank full): each sequence and layer keeps the ``capacity - 1`` slots of highest
+        ``scores [num_layers, B, capacity]`` (its text saliency) and appends the frame. Dropped slots release
+        their block references once no layer names them; nothing is copied.
+        """
+        frame = _check_int("frame", frame, 0)
+        slot, capacity = _check_int("slot", slot, 0), _check_int("capacity", capacity, 1)
+        full = slot >= capacity
+        if full and (not isinstance(scores, torch.Tensor)
+                     or tuple(scores.shape) != (self.num_layers, self.batch_size, capacity)):
+            raise ValueError(f"scores must be a [num_layers, B, capacity] = "
+                             f"{[self.num_layers, self.batch_size, capacity]} tensor when the bank is full")
+        held = len(self._banks[0][0]) if self._banks else 0
+        if (full and held != capacity) or (not full and slot > held):
+            raise ValueError(f"slot {slot}: the bank holds {held} of {capacity} slots, so the next slot is "
+                             f"{min(held, capacity)}")
+        for b, (frame_map, banks) in enumerate(zip(self._maps, self._banks)):
+            block = frame_map.get(frame, dict(banks[0]).get(frame))
+            if block is None:
+                raise ValueError(f"frame {frame} of sequence {b} is neither resident nor in the bank (resident: "
+                                 f"{sorted(frame_map)}, bank: {[f for f, _ in banks[0]]})")
+            before = self._bank_set(b)
+            for layer, slots in enumerate(banks):
+                if full:
+                    keep = set(torch.topk(scores[layer, b].float(), capacity - 1).indices.tolist())
+                    slots[:] = [entry for index, entry in enumerate(slots) if index in keep] + [(frame, block)]
+                else:
+                    slots[slot:slot + 1] = [(frame, block)]
+            after = self._bank_set(b)
+            for new in after - before:
+                self._pool.incref(new)
+            for old in before - after:
+                self._pool.decref(old)
+        self.bank_last = (frame, slot)
+
+    def bank_block_tables(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
+                          device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer: :meth:`block_table`'s rows with
+        the layer's bank blocks after the sink, ``[sink | bank | local or route + nearest]`` (MemFlow). A bank
+        frame that is also in the window is listed twice, as the released attention concatenates both."""
+        start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
+        table, counts = self.block_table(start, routes, device="cpu")
+        sink = min(self.sink_frames, start)
+        history = [table[b, :counts[b]].tolist() for b in range(self.batch_size)]
+        target = self.device if device is None else torch.device(device)
+        if target.type == "meta":
+            target = torch.device("cpu")
+        tables = []
+        for layer in range(self.num_layers):
+            rows = [row[:sink] + [block for _, block in banks[layer]] + row[sink:]
+                    for row, banks in zip(history, self._banks)]
+            width = max(1, max(len(row) for row in rows))
+            tables.append((torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32,
+                                        device=target),
+                           torch.tensor([len(row) for row in rows], dtype=torch.int32, device=target)))
+        return tables
+
     # ------------------------------------------------------------------------------------------ writing, eviction
     def append_frames(self, num_frames: Optional[int] = None) -> torch.Tensor:
         """Allocate private blocks for the next ``num_frames`` (default frames_per_block) frames of every sequence.
@@ -440,13 +529,15 @@ class GroupKVCache:
         ``private``: blocks mapped by exactly one sequence; ``total = shared + private`` (each block counted once);
         ``per_layer``: ``total / num_layers``; ``per_sequence_private``: private bytes of each sequence;
         ``pool``: bytes allocated by the pool (incl. free blocks and blocks of other caches); ``block``: one frame.
+        MemFlow bank blocks count too (a frame both in a sequence's window and in its bank is held twice: shared).
         """
         block_bytes = self._pool.block_bytes
         blocks = set()
         per_sequence = []
-        for frame_map in self._maps:
-            blocks.update(frame_map.values())
-            per_sequence.append(sum(block_bytes for b in frame_map.values() if self._pool.refcount[b] == 1))
+        for sequence, frame_map in enumerate(self._maps):
+            held = set(frame_map.values()) | self._bank_set(sequence)
+            blocks.update(held)
+            per_sequence.append(sum(block_bytes for b in held if self._pool.refcount[b] == 1))
         shared = sum(block_bytes for b in blocks if self._pool.refcount[b] > 1)
         private = sum(per_sequence)
         return {"shared": shared, "private": private, "total": shared + private,

@@ -88,6 +88,9 @@ class StreamingSection:
     cache_frames: int = 8                  # frames kept resident incl. the block being written (LongLive-KVPO: 21)
     context_noise: int = 0                 # timestep of the commit / re-cache forwards; input (1 - t/1000) x0 +
     #                                        t/1000 noise (released: 0; see StreamingConfig.context_noise)
+    memory_bank_frames: int = 0            # MemFlow's KV memory bank, frames per layer (released bank_size: 3); 0: off
+    bank_record_interval: int = 3          # MemFlow: one bank slot per this many blocks (released record_interval: 3)
+    bank_rule: str = "rollout"             # MemFlow's released bank update: rollout | inference (see memflow.py)
 
     def route_pool_size(self, fork_block: int, perturbed_blocks: int) -> int:
         """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula; docs/recipe.md)."""
@@ -372,6 +375,8 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     **{f"streaming.{name}": _at_least(1) for name in ("frames_per_block", "window_frames", "nearest_frames",
                                                       "cache_frames")},
     "streaming.sink_frames": _at_least(0),
+    "streaming.memory_bank_frames": _at_least(0), "streaming.bank_record_interval": _at_least(1),
+    "streaming.bank_rule": _one_of("rollout", "inference"),
     "streaming.timesteps": _each(lambda value: 0 < value <= 1000, "a non-empty list of integers in (0, 1000]"),
     "streaming.shift": ((lambda value: value > 0), "> 0"),
     **{f"rollout.{name}": _at_least(1) for name in ("num_blocks", "perturbed_blocks", "groups_per_step",
@@ -460,6 +465,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "run": {"steps": 3000, "seed": 42, "checkpoint_every": 50, "output_dir": "runs/wan1.3b"},
     },
 }
+
+
+# MemFlow (the released configs/train_kvpo_memflow.yaml is train_kvpo_longlive.yaml plus these differences; the
+# value list with file:line is in docs/memflow.md): LongLive's preset with the memory bank and m_nearest_frames 3.
+PRESETS["memflow1.3b"] = _merge(TrainConfig(), PRESETS["wan1.3b"], "").to_dict()
+PRESETS["memflow1.3b"]["streaming"].update(nearest_frames=3, memory_bank_frames=3, bank_record_interval=3,
+                                           bank_rule="rollout")
+PRESETS["memflow1.3b"]["model"].update(causal_checkpoint_key="generator")  # the released trainer's first choice
+PRESETS["memflow1.3b"]["run"].update(output_dir="runs/memflow1.3b")
 
 
 def load_config(preset: Optional[str] = None, path: Optional[str] = None,

@@ -142,7 +142,9 @@ class Trainer:
                             window_frames=streaming.window_frames, nearest_frames=streaming.nearest_frames,
                             timesteps=tuple(streaming.timesteps), shift=streaming.shift,
                             cache_frames=streaming.cache_frames, latent_height=config.rollout.latent_height,
-                            latent_width=config.rollout.latent_width, context_noise=streaming.context_noise),
+                            latent_width=config.rollout.latent_width, context_noise=streaming.context_noise,
+                            memory_bank_frames=streaming.memory_bank_frames,
+                            bank_record_interval=streaming.bank_record_interval, bank_rule=streaming.bank_rule),
             backend=config.model.backend)
         model_config = self.transformer.config
         self.latent_shape = (model_config.in_channels, config.rollout.latent_height, config.rollout.latent_width)

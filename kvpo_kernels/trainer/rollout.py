@@ -39,6 +39,8 @@ Replay context (released): each replayed block's history for the next one is the
 own last-step x0, committed as the rollout commits (timestep ``context_noise``, the rollout's own commit noise), not
 the rollout's clean block; so a replay by the rollout policy reproduces the rollout exactly. (The released code
 draws fresh commit noise in the replay; at its default, context_noise 0, we commit x0 exactly: no noise at all.)
+MemFlow: the replay records no new bank frame (released: ``update_bank=False``), so a replay whose window holds a
+record block reads another bank than its rollout did, as in the released code.
 With ``rematerialize``, :func:`backward_through_replay` trades one extra forward per gradient step for holding only
 one forward's activations.
 
@@ -299,10 +301,11 @@ def _generate_group(gen, segments, switches, num_blocks, fork_block, perturbed_b
     # sequences write after the fork (eviction frees none of those before the chunk ends). Growing on demand would
     # double the pool, copying it with old and new alive (at the 1.3B geometry, 287 MB per frame: 26 + 52 GB).
     # The replays later fork the same pool; the group's blocks are free again by then. A prompt switch re-encodes
-    # the window into fresh blocks before it frees the old ones: room for that once per sequence.
+    # the window into fresh blocks before it frees the old ones: room for that once per sequence. MemFlow's bank
+    # holds up to memory_bank_frames more (frames evicted from the window, shared by the group).
     recache = (num_branches + 1) * (cfg.window_frames - cfg.sink_frames) if switches else 0
     cache = gen.new_cache(1, reserve_blocks=cfg.cache_frames + (num_branches + 1) * f * (num_blocks - fork_block)
-                          + recache)
+                          + recache + cfg.memory_bank_frames)
     prefix = []
     for block in range(fork_block):
         prefix.append(run_block(cache, block, 1, lambda: torch.cat(prefix, dim=2)).x0)
@@ -360,7 +363,9 @@ def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, ene
             last.append(gen.predict_x0(cache, block, rollout.x_t[i, steps - 1, :G], sigmas[steps - 1], embeds))
             if i + 1 < num_blocks:
                 noise = None if rollout.commit_noise is None else rollout.commit_noise[i].expand(G, -1, -1, -1, -1)
-                gen.commit_block(cache, block, last[-1], embeds, commit_noise=noise)
+                # MemFlow: the released replay runs every forward with update_bank=False (trainer/kvpo.py
+                # l. 2043-2056): its bank records no new frame (a no-op without a bank).
+                gen.commit_block(cache, block, last[-1], embeds, commit_noise=noise, record_bank=False)
     return sigmas, weights, caches, embeds, last
 
 

@@ -15,6 +15,9 @@ One module per concern (the public names are re-exported here):
   its K/V into the cache. All sequences of a cache (a group's branches and the anchor) run batched in one
   forward, each with its own route. Multi-prompt videos (LongLive): at a prompt switch, ``recache`` re-encodes
   the retained window under the new prompt in one batched forward into fresh cache blocks (global sink).
+- ``memflow``: MemFlow's KV memory bank (``StreamingConfig.memory_bank_frames``): the released bank rule, the
+  frame it records and the text saliency that evicts. Bank frames are refcounted cache blocks; each layer reads
+  ``[sink | bank | local]`` through its own block table.
 - ``weights``: :func:`load_causal_wan_weights` maps Self-Forcing / LongLive checkpoints (original Wan names,
   ``.pt`` or safetensors) onto ``WanTransformer3DModel``.
 

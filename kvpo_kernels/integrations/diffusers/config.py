@@ -37,6 +37,10 @@ class StreamingConfig:
     #                                 at a prompt switch); a commit feeds (1 - c) x0 + c eps, c = context_noise/1000.
     #                                 Released: 0. (Its 1000-step scheduler grid has no t = 0, so its add_noise uses
     #                                 the nearest grid sigma, 0.005 at shift 5; ours commits x0 itself at 0.)
+    memory_bank_frames: int = 0     # MemFlow's KV memory bank (released bank_size: 3); 0 = off (LongLive)
+    bank_record_interval: int = 3   # MemFlow: the bank gains a slot every this many blocks (record_interval: 3)
+    bank_rule: str = "rollout"      # MemFlow: which released update rule ("rollout": streaming_training.py, the
+    #                                 one KVPO's rollouts run; "inference": causal_inference.py); see memflow.py
 
     def __post_init__(self):
         for name in ("frames_per_block", "sink_frames", "window_frames", "nearest_frames", "cache_frames",
@@ -46,6 +50,12 @@ class StreamingConfig:
                 raise TypeError(f"StreamingConfig.{name} must be an int, got {value!r}")
             if value < (0 if name == "sink_frames" else 1):
                 raise ValueError(f"StreamingConfig.{name} must be positive, got {value}")
+        for name, minimum in (("memory_bank_frames", 0), ("bank_record_interval", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                raise ValueError(f"StreamingConfig.{name} must be an int >= {minimum}, got {value!r}")
+        if self.bank_rule not in ("rollout", "inference"):
+            raise ValueError(f"StreamingConfig.bank_rule must be 'rollout' or 'inference', got {self.bank_rule!r}")
         if isinstance(self.context_noise, bool) or not isinstance(self.context_noise, numbers.Integral) \
                 or not 0 <= self.context_noise < 1000:
             raise ValueError(f"StreamingConfig.context_noise must be an int timestep in [0, 1000), "

@@ -22,6 +22,8 @@ class _BlockContext:
     rotary: tuple                     # (cos, sin), each [1, f * S, 1, D] float32, at the block's frame offset
     write_ids: Optional[torch.Tensor]  # int64 [B, f] blocks to fill with this block's K/V, or None (read only)
     backend: str                      # routed_attention backend
+    layer_tables: Optional[list] = None  # MemFlow: one (block_table, block_counts) per layer (its own bank),
+    #                                      used instead of block_table / block_counts
 
 
 class _StreamingState:
@@ -85,10 +87,12 @@ class RoutedWanAttnProcessor:
         if context.write_ids is not None:
             context.cache.write(self.layer_index, context.write_ids, key, value)
         k_cache, v_cache = context.cache.layer(self.layer_index)
+        table, counts = (context.block_table, context.block_counts) if context.layer_tables is None \
+            else context.layer_tables[self.layer_index]
         # The cache builds the tables from resident blocks only, so the per-call host check of block ids (a
         # device sync in each of the model's layers) is skipped.
-        out = routed_attention(query, k_cache, v_cache, context.block_table, context.block_counts,
-                               key, value, backend=context.backend, check_block_ids=False)
+        out = routed_attention(query, k_cache, v_cache, table, counts, key, value, backend=context.backend,
+                               check_block_ids=False)
         out = out.flatten(2, 3).to(out_dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -9,6 +9,7 @@ import torch
 
 from ...cache import GroupKVCache
 from .config import BlockRollout, StreamingConfig
+from .memflow import bank_record_slot, bank_saliency
 from .processor import _BlockContext, _block_rotary, _installed_state, install_routed_attention
 
 
@@ -69,12 +70,15 @@ class StreamingWanGenerator:
 
         ``dtype``: of the stored K/V, default the self-attention weights' dtype (pass the autocast dtype when the
         weights are fp32 under autocast). ``reserve_blocks``: pool blocks allocated now (default
-        ``batch_size * cache_frames``, a rollout's steady state; see :meth:`GroupKVCache.reserve` for groups).
+        ``batch_size * (cache_frames + memory_bank_frames)``, a rollout's steady state; see
+        :meth:`GroupKVCache.reserve` for groups).
         """
         weight = self.transformer.blocks[0].attn1.to_k.weight
         c = self.transformer.config
         if reserve_blocks is None:
-            reserve_blocks = batch_size * self.config.cache_frames if weight.device.type != "meta" else 0
+            # a sequence holds at most cache_frames resident frames plus (MemFlow) its evicted bank frames
+            steady = self.config.cache_frames + self.config.memory_bank_frames
+            reserve_blocks = batch_size * steady if weight.device.type != "meta" else 0
         return GroupKVCache(c.num_layers, self.frame_tokens, c.num_attention_heads, c.attention_head_dim,
                             batch_size=batch_size, frames_per_block=self.config.frames_per_block,
                             sink_frames=self.config.sink_frames, window_frames=self.config.window_frames,
@@ -125,8 +129,9 @@ class StreamingWanGenerator:
 
     def _forward(self, cache: GroupKVCache, start: int, x: torch.Tensor, sigma: torch.Tensor,
                  prompt_embeds: torch.Tensor, tables, write_ids) -> torch.Tensor:
-        """Velocity ``v [B, C, f, H, W]`` of one block, attending to the cache (and writing it with write_ids)."""
-        table, counts = tables
+        """Velocity ``v [B, C, f, H, W]`` of one block, attending to the cache (and writing it with write_ids).
+        ``tables``: one ``(block_table, block_counts)`` for every layer, or a list of one per layer (MemFlow)."""
+        table, counts = (None, None) if isinstance(tables, list) else tables
         _, ph, pw = self.transformer.config.patch_size
         rotary = _block_rotary(self.transformer.rope, start, x.shape[2], x.shape[3] // ph, x.shape[4] // pw)
         rotary = tuple(r.to(x.device) for r in rotary)
@@ -134,7 +139,8 @@ class StreamingWanGenerator:
         if _installed_state(transformer) is not self._state:
             raise RuntimeError("the transformer's self-attention processors were replaced after this generator "
                                "installed its own (set_attn_processor?): build a new StreamingWanGenerator")
-        context = _BlockContext(cache, table, counts, rotary, write_ids, self.backend)
+        context = _BlockContext(cache, table, counts, rotary, write_ids, self.backend,
+                                layer_tables=tables if isinstance(tables, list) else None)
         patched = transformer.gradient_checkpointing and torch.is_grad_enabled()
         if patched:
             # A checkpointed block recomputes during backward, after this call returned: bind its context there
@@ -156,6 +162,25 @@ class StreamingWanGenerator:
             if patched:
                 transformer._gradient_checkpointing_func = outer
 
+    def _history_tables(self, cache: GroupKVCache, start: int, routes, device):
+        """What block ``start`` reads: one table for all layers, or (MemFlow) one per layer with its bank."""
+        if self.config.memory_bank_frames:
+            return cache.bank_block_tables(start, routes, device=device)
+        return cache.block_table(start, routes, device=device)
+
+    def _record_bank(self, cache: GroupKVCache, block_index: int, prompt_embeds: torch.Tensor,
+                     record: bool) -> None:
+        """MemFlow's bank update after committing block ``block_index`` (what the released code does at the next
+        block's first step): the recorded frame goes to its slot, or, past the last slot, replaces the least
+        text-salient one (the rule: ``memflow.py``). ``record=False``: the bank step repeats with the frame
+        recorded last, as the released replay's forwards (``update_bank=False``, ``q_bank`` at each block) do."""
+        if not record and cache.bank_last is None:
+            return
+        frame, slot = bank_record_slot(self.config, block_index) if record else cache.bank_last
+        full = slot >= self.config.memory_bank_frames
+        scores = bank_saliency(self.transformer, cache, prompt_embeds) if full else None
+        cache.bank_record(frame, slot, self.config.memory_bank_frames, scores)
+
     # ---------------------------------------------------------------------------------------------- public API
     def predict_x0(self, cache: GroupKVCache, block_index: int, x_t: torch.Tensor, sigma, prompt_embeds,
                    *, routes: Optional[Sequence] = None) -> torch.Tensor:
@@ -169,7 +194,7 @@ class StreamingWanGenerator:
         start = self._start(block_index)
         prompt_embeds = self._check_block(cache, "x_t", x_t, prompt_embeds)
         sigma = self._sigma(sigma, x_t.shape[0], x_t.device)
-        tables = cache.block_table(start, routes, device=x_t.device)
+        tables = self._history_tables(cache, start, routes, x_t.device)
         v = self._forward(cache, start, x_t, sigma, prompt_embeds, tables, None)
         return (x_t.float() - sigma.view(-1, 1, 1, 1, 1) * v.float()).to(x_t.dtype)
 
@@ -186,10 +211,12 @@ class StreamingWanGenerator:
 
     @torch.no_grad()
     def commit_block(self, cache: GroupKVCache, block_index: int, x0: torch.Tensor, prompt_embeds, *,
-                     routes: Optional[Sequence] = None, commit_noise: Optional[torch.Tensor] = None) -> None:
+                     routes: Optional[Sequence] = None, commit_noise: Optional[torch.Tensor] = None,
+                     record_bank: bool = True) -> None:
         """One forward of the clean block ``x0 [B, C, f, H, W]`` at timestep ``config.context_noise`` that writes
         its K/V into the cache (the block must be the cache's next one), then evicts the frames no later block can
-        read. With ``context_noise > 0`` the input is ``(1 - c) x0 + c commit_noise`` (fresh ``randn`` when None)."""
+        read. With ``context_noise > 0`` the input is ``(1 - c) x0 + c commit_noise`` (fresh ``randn`` when None).
+        MemFlow: then the bank update; ``record_bank=False`` records no new frame (the released KVPO replay)."""
         start = self._start(block_index)
         prompt_embeds = self._check_block(cache, "x0", x0, prompt_embeds)
         if cache.num_frames != start:
@@ -197,11 +224,13 @@ class StreamingWanGenerator:
                              f"next block to commit starts at frame {cache.num_frames}, not {start}")
         x_in = self._context_input(x0, commit_noise)
         # The table (built before the new blocks exist) also validates the routes before anything is allocated.
-        tables = cache.block_table(start, routes, device=x0.device)
+        tables = self._history_tables(cache, start, routes, x0.device)
         write_ids = cache.append_frames(self.config.frames_per_block)
         try:
             self._forward(cache, start, x_in, self._sigma(self.config.context_sigma, x0.shape[0], x0.device),
                           prompt_embeds, tables, write_ids)
+            if self.config.memory_bank_frames:
+                self._record_bank(cache, block_index, prompt_embeds, record_bank)
         finally:
             cache.evict()
 
@@ -220,6 +249,9 @@ class StreamingWanGenerator:
         """
         if not isinstance(cache, GroupKVCache):
             raise TypeError(f"cache must be a GroupKVCache (from new_cache), got {type(cache).__name__}")
+        if self.config.memory_bank_frames:
+            raise ValueError("config.memory_bank_frames: prompt switches (KV re-cache) are not supported with "
+                             "MemFlow's memory bank")
         start = cache.num_frames
         frames = self.config.recache_frames(start)
         if not frames:
@@ -294,6 +326,9 @@ class StreamingWanGenerator:
         if len(segments) != len(switches) + 1:
             raise ValueError(f"switch_frames: {len(segments)} prompt segments need {len(segments) - 1} switch "
                              f"frames, got {switches}")
+        if switches and self.config.memory_bank_frames:
+            raise ValueError("switch_frames: prompt switches are not supported with MemFlow's memory bank "
+                             "(config.memory_bank_frames)")
         end = cache.num_frames + noise.shape[2]
         if any(s % f or not cache.num_frames < s < end for s in switches) or switches != sorted(set(switches)):
             raise ValueError(f"switch_frames must be increasing block starts (multiples of {f}) inside the "
