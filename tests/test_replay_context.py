@@ -248,3 +248,18 @@ def test_multi_prompt_rollout_and_replay_never_grow_the_kv_pool(tmp_path, monkey
                   chunks=trainer.chunks)
     replay_energies(trainer.generator, ro, grad_steps=1)
     assert len(grows) == 1, f"the pool grew after it was made: {grows}"
+
+
+def test_long_rollout_pool_follows_eviction_and_never_grows(tmp_path, monkeypatch):
+    """The pool is sized for what is resident at the peak, not for every block the G + 1 sequences write: after
+    the fork each sequence keeps at most cache_frames - sink_frames private frames (evicted blocks are reused).
+    20 blocks forked at 5 (tiny: cache 8, sink 1): 8 + 4 * 7 = 36 blocks, where all writes would be 8 + 4 * 15."""
+    from kvpo_kernels.cache import _BlockPool
+
+    trainer = _trainer(tmp_path)
+    grows, real_grow = [], _BlockPool.grow
+    monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
+    ro = _rollout(trainer.generator, trainer, 3, num_blocks=20, chunks=chunk_layout(20, 5, 2))
+    energies = replay_energies(trainer.generator, ro, grad_steps=1)
+    assert len(grows) == 1, f"the pool grew after it was made: {grows}"
+    assert ro.prefix_cache._pool.num_blocks == 36 and torch.isfinite(energies).all()

@@ -13,7 +13,7 @@ import torch
 from .config import TrainConfig, chunk_layout
 from .distributed import DistInfo
 from .errors import InputValueError
-from .rollout import policy_window
+from .rollout import group_pool_blocks, policy_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -230,14 +230,15 @@ def plan_memory(config: TrainConfig) -> MemoryPlan:
     tokens_per_frame = (r.latent_height // 2) * (r.latent_width // 2)
     f = s.frames_per_block
     forks = config.fork_blocks()   # the earliest eligible fork writes the most blocks
-    frames = s.cache_frames + (r.num_branches + 1) * f * (r.num_blocks - forks[0])
+    chunks = chunk_layout(r.num_blocks * f, r.streaming_chunk_size, r.streaming_min_new_frame)
+    replayed = max(policy_window(fork * f, r.perturbed_blocks, chunks, f, r.num_blocks * f,
+                                 config.replay.policy_window_frames) for fork in forks)
+    switches = (r.prompts_file or "").endswith(".txt")   # prompt segments come from text lines only
+    frames = group_pool_blocks(s, r.num_branches, r.num_blocks - forks[0], replayed, switches)
     kv_pool = frames * tokens_per_frame * 2 * dim * layers * width
     tokens = r.num_branches * f * tokens_per_frame
     per_layer = tokens * (12 * dim + 2 * geometry.ffn_dim) * width
     one_forward = per_layer + tokens * dim * width * layers if m.gradient_checkpointing else per_layer * layers
-    chunks = chunk_layout(r.num_blocks * f, r.streaming_chunk_size, r.streaming_min_new_frame)
-    replayed = max(policy_window(fork * f, r.perturbed_blocks, chunks, f, r.num_blocks * f,
-                                 config.replay.policy_window_frames) for fork in forks)
     forwards = 1 if config.replay.rematerialize else replayed * config.replay.grad_steps
     return MemoryPlan(params, trainable, params * width, optimizer, copies, kv_pool, one_forward * forwards)
 

@@ -237,6 +237,27 @@ def _check_segments(prompt_embeds, switch_frames, frames_per_block: int, num_fra
 
 
 @torch.no_grad()
+def group_pool_blocks(cfg, num_branches: int, chunk_blocks: int, window_blocks: int, switches: bool) -> int:
+    """Pool blocks (frames) one group rollout and its replays need at their peak, so the pool is sized once.
+
+    Growing on demand would double the pool, copying it with old and new alive (at the 1.3B geometry, 287 MB per
+    frame). cfg: the generator's :class:`StreamingConfig`; chunk_blocks: blocks generated after the fork;
+    window_blocks: the replayed policy window. Peak of the rollout: the pre-fork snapshot (at most ``cache_frames``,
+    kept for the replays) plus, per sequence of the G + 1, its private frames: what it wrote after the fork, of
+    which eviction keeps at most ``cache_frames - sink_frames`` (evicted blocks return to the free list and are
+    reused). Peak of a replay (the rollout's branches are released by then): the snapshot plus the G branches'
+    committed blocks, all held by the per-block snapshots of the replay. A prompt switch re-encodes the window into
+    fresh blocks before it frees the old ones: room for that once per sequence. MemFlow's bank keeps up to
+    ``memory_bank_frames`` evicted frames per sequence (the prefix's bank, then each sequence's own).
+    """
+    f, sequences = cfg.frames_per_block, num_branches + 1
+    rollout = sequences * min(cfg.cache_frames - cfg.sink_frames, f * chunk_blocks)
+    replay = num_branches * f * window_blocks
+    recache = sequences * (cfg.window_frames - cfg.sink_frames) if switches else 0
+    bank = (sequences + 1) * cfg.memory_bank_frames
+    return cfg.cache_frames + max(rollout, replay) + recache + bank
+
+
 def group_rollout(gen, prompt_embeds, *, prompt_id: int, num_blocks: int, fork_block: int,
                   perturbed_blocks: int, num_branches: int, num_routed: int, latent_shape: Sequence[int],
                   rng: torch.Generator, sampler: str = "chr", segment_ids: Optional[Sequence[int]] = None,
@@ -265,7 +286,7 @@ def group_rollout(gen, prompt_embeds, *, prompt_id: int, num_blocks: int, fork_b
         raise ValueError(f"switch_frames {inside} fall inside the policy window (frames {fork_frame} .. "
                          f"{fork_frame + window * f}): the replay runs one segment (align switches to chunks)")
     rollout = _generate_group(gen, segments, list(switch_frames), num_blocks, fork_block, perturbed_blocks,
-                              num_branches, num_routed, latent_shape, rng, sampler, steps)
+                              num_branches, num_routed, latent_shape, rng, sampler, steps, window)
     return GroupRollout(fork_block=fork_block, perturbed_blocks=perturbed_blocks, sigmas=gen.sigmas.detach().float()
                         .cpu(), prompt_embeds=segments, prompt_id=prompt_id, segment_ids=segment_ids,
                         switch_frames=list(switch_frames), perturbed_chunk=perturbed_chunk, window_blocks=window,
@@ -273,7 +294,7 @@ def group_rollout(gen, prompt_embeds, *, prompt_id: int, num_blocks: int, fork_b
 
 
 def _generate_group(gen, segments, switches, num_blocks, fork_block, perturbed_blocks, num_branches, num_routed,
-                    latent_shape, rng, sampler, steps) -> dict:
+                    latent_shape, rng, sampler, steps, window) -> dict:
     cfg = gen.config
     f = cfg.frames_per_block
     channels, height, width = latent_shape
@@ -297,15 +318,8 @@ def _generate_group(gen, segments, switches, num_blocks, fork_block, perturbed_b
         return gen.generate_block(cache, block, noise[0], embeds, step_noise=noise[1:steps], routes=routes,
                                   commit_noise=noise[steps] if noised_commit else None)
 
-    # One pool for the whole rollout, sized up front: the prefix's resident window plus every block the G + 1
-    # sequences write after the fork (eviction frees none of those before the chunk ends). Growing on demand would
-    # double the pool, copying it with old and new alive (at the 1.3B geometry, 287 MB per frame: 26 + 52 GB).
-    # The replays later fork the same pool; the group's blocks are free again by then. A prompt switch re-encodes
-    # the window into fresh blocks before it frees the old ones: room for that once per sequence. MemFlow's bank
-    # holds up to memory_bank_frames more (frames evicted from the window, shared by the group).
-    recache = (num_branches + 1) * (cfg.window_frames - cfg.sink_frames) if switches else 0
-    cache = gen.new_cache(1, reserve_blocks=cfg.cache_frames + (num_branches + 1) * f * (num_blocks - fork_block)
-                          + recache + cfg.memory_bank_frames)
+    cache = gen.new_cache(1, reserve_blocks=group_pool_blocks(cfg, num_branches, num_blocks - fork_block,
+                                                              window, bool(switches)))
     prefix = []
     for block in range(fork_block):
         prefix.append(run_block(cache, block, 1, lambda: torch.cat(prefix, dim=2)).x0)
