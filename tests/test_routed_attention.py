@@ -491,33 +491,12 @@ _SM90_COMPILE = r'''
 import json
 import triton
 import kvpo_kernels.triton.routed_attention as m
-from _sm90 import compile_for_sm90
-
-FP32_POINTERS = {"Lse_ptr", "Delta_ptr", "DLse_ptr"}
-INDEX_POINTERS = {"Table_ptr", "Counts_ptr", "Readers_ptr", "ReaderPtr_ptr", "BlockOrder_ptr"}
+from _sm90 import compile_for_sm90, launch_signature
 
 
 def compile_kernel(kernel, dtype, constexprs, config):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    consts = {**constexprs, **config.kwargs}
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        # As a launch specialises them: unit inner strides, 16-divisible pointers and outer strides.
-        if name.startswith("stride_") and (name.endswith("d") or name in ("stride_ti", "stride_glm")):
-            consts[name] = 1
-        if name in consts:
-            signature[name] = "constexpr"
-            continue
-        if name in FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name in INDEX_POINTERS:
-            signature[name] = "*i32"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + dtype
-        else:
-            signature[name] = "fp32" if name in ("qk_scale", "softmax_scale") else "i32"
-        if signature[name].startswith("*") or (name.startswith("stride_") and name != "stride_tb"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    signature, attrs, consts = launch_signature(fn, dtype, {**constexprs, **config.kwargs}, {})
     usage = compile_for_sm90(fn, signature, attrs, consts, num_warps=config.num_warps, num_stages=config.num_stages)
     return {"shared": usage["shared"], "stack": usage["stack"]}
 
