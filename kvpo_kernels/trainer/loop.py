@@ -37,7 +37,7 @@ from .metrics import AVERAGED_METRICS
 from .model import add_configured_lora, build_decoder, build_transformer, load_prompts, resolve_device
 from .objective import (anchor_is_beaten, anchor_relative_advantages, branch_log_likelihood, kvpo_loss,
                         step_temperatures)
-from .rewards import CombinedReward, RewardFn, build_reward, check_scores
+from .rewards import CombinedReward, RewardFn, build_reward
 from .rollout import (GroupRollout, PromptEntry, align_switch_frames, backward_through_replay, chunk_layout,
                       group_rewards, group_rollout, replay_energies)
 
@@ -201,8 +201,8 @@ class Trainer:
 
     @reward_fn.setter
     def reward_fn(self, reward_fn: RewardFn) -> None:
-        # Any reward (also one set after construction) runs inside a CombinedReward: its pixel components get the
-        # frames the run's VAE decodes once per group, and every output is checked.
+        # Any reward (also one set after construction) runs inside a CombinedReward: its pixel components share the
+        # frames the run's VAE decodes once per call, and every component's output is checked.
         self._reward_fn = (reward_fn if isinstance(reward_fn, CombinedReward)
                            else CombinedReward([reward_fn], self.decoder))
 
@@ -330,10 +330,8 @@ class Trainer:
                                     perturbed_blocks=rollout_config.perturbed_blocks,
                                     num_branches=rollout_config.num_branches, num_routed=config.num_routed(),
                                     latent_shape=self.latent_shape, rng=rng, sampler=rollout_config.sampler)
-            def checked_reward(latents, ids):  # a pixel reward's VAE decode is shared by its components
-                return check_scores(self.reward_fn(latents, ids), self.reward_fn, len(ids))
-
-            local, whole = group_rewards(checked_reward, rollout, clip_len=config.reward.long_reward_normal_clip_len,
+            # self.reward_fn is a CombinedReward: it checks every component's scores itself
+            local, whole = group_rewards(self.reward_fn, rollout, clip_len=config.reward.long_reward_normal_clip_len,
                                          stride=config.reward.vae_temporal_stride)
             objective = config.objective
             advantages = anchor_relative_advantages(local, whole, self.component_weights,
