@@ -167,6 +167,13 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_valid, offs_n, d_ok, qk_scale,
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
+    return _online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """Fold the scores ``s [BLOCK_M, BLOCK_N]`` (log2 domain, masked keys at -inf) and their values ``v`` into the
+    running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` (fp32); shared by both forward kernels."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row whose keys so far all scored -inf (a -inf key, or a masked tile) keeps m = -inf: subtracting it would
     # give exp2(-inf + inf) = NaN. Subtract 0 there instead: p = exp2(-inf) = 0 and alpha = exp2(m_i) = 0.

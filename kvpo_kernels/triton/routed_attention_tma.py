@@ -49,8 +49,8 @@ import triton.language as tl
 
 from .._backends import triton_interpreting
 from .._device import LOG2E, launch_device
-from .routed_attention import (_AUTOTUNE, _DO_BENCH, _LOG2E, _MAX_TIMED, _check_grid, _precision,
-                               _shared_memory_budget)
+from .routed_attention import (_AUTOTUNE, _DO_BENCH, _LOG2E, _MAX_TIMED, _check_grid, _online_softmax_step,
+                               _precision, _shared_memory_budget)
 
 # Warp specialisation on Hopper applies to 4-warp programs only (one consumer warpgroup next to the producer).
 if triton_interpreting():
@@ -84,14 +84,7 @@ def _tma_tile(acc, m_i, l_i, q, k_desc, v_desc, blk, start, offs_n, S, qk_scale,
     v = v_desc.load([blk, start, 0]).reshape(BLOCK_N, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     s = tl.where((offs_n < S - start)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # All scores -inf so far (a pool of -inf keys): subtract 0, so p = 0 and alpha = 0 instead of exp2(nan).
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return _online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
 
 @triton.autotune(configs=_TMA_CONFIGS, key=["Lq", "HEAD_DIM", "GROUP", "RESUME"],
