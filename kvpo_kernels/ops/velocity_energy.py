@@ -130,31 +130,34 @@ def _cuda_forward_partition(index: int, dtype: torch.dtype, n: int, rows: int) -
     return -(-n // chunk), chunk
 
 
-def cpu_forward(pred, target, weight, mean: bool) -> torch.Tensor:
-    """E ``[B, T]`` by the csrc CPU kernel (the launcher contract of the triton module's velocity_energy_forward)."""
-    module, _ = native_extension()
+def _native_forward(pred, target, weight, mean: bool, launch) -> torch.Tensor:
+    """E ``[B, T]`` by ``launch(energy, *args)``, a csrc forward (args: pointers, sizes, strides, dtype code, mean)."""
     energy = torch.empty(pred.shape[:2], dtype=accumulation_dtype(pred.dtype), device=pred.device)
     if energy.numel() == 0:
         return energy
-    p_ptr, t_ptr, w_ptr, batch, steps, n, strides = _native_args(pred, target, weight)
-    module.velocity_energy_forward_cpu(energy.data_ptr(), p_ptr, t_ptr, w_ptr, batch, steps, n, strides,
-                                       DTYPE_CODES[pred.dtype], mean, torch.get_num_threads())
+    launch(energy, *_native_args(pred, target, weight), DTYPE_CODES[pred.dtype], mean)
     return energy
+
+
+def cpu_forward(pred, target, weight, mean: bool) -> torch.Tensor:
+    """E ``[B, T]`` by the csrc CPU kernel (the launcher contract of the triton module's velocity_energy_forward)."""
+    module, _ = native_extension()
+    return _native_forward(pred, target, weight, mean, lambda energy, *args: module.velocity_energy_forward_cpu(
+        energy.data_ptr(), *args, torch.get_num_threads()))
 
 
 def cuda_forward(pred, target, weight, mean: bool) -> torch.Tensor:
     """E ``[B, T]`` by the csrc CUDA kernel, on the current stream of pred's device."""
     module, _ = native_extension()
-    energy = torch.empty(pred.shape[:2], dtype=accumulation_dtype(pred.dtype), device=pred.device)
-    if energy.numel() == 0:
-        return energy
-    p_ptr, t_ptr, w_ptr, batch, steps, n, strides = _native_args(pred, target, weight)
-    splits, chunk = _cuda_forward_partition(device_index(pred.device), pred.dtype, n, batch * steps)
-    partials = torch.empty(batch * steps * splits if splits > 1 else 0, dtype=torch.float32, device=pred.device)
-    module.velocity_energy_forward_cuda(energy.data_ptr(), partials.data_ptr() if splits > 1 else 0, splits, chunk,
-                                        p_ptr, t_ptr, w_ptr, batch, steps, n, strides, DTYPE_CODES[pred.dtype], mean,
-                                        cuda_stream(pred.device))
-    return energy
+
+    def launch(energy, p_ptr, t_ptr, w_ptr, batch, steps, n, strides, dtype_code, mean):
+        splits, chunk = _cuda_forward_partition(device_index(pred.device), pred.dtype, n, batch * steps)
+        partials = torch.empty(batch * steps * splits if splits > 1 else 0, dtype=torch.float32, device=pred.device)
+        module.velocity_energy_forward_cuda(energy.data_ptr(), partials.data_ptr() if splits > 1 else 0, splits,
+                                            chunk, p_ptr, t_ptr, w_ptr, batch, steps, n, strides, dtype_code, mean,
+                                            cuda_stream(pred.device))
+
+    return _native_forward(pred, target, weight, mean, launch)
 
 
 def _native_backward(grad, pred, target, weight, mean: bool, need_pred: bool, need_target: bool, launch):
