@@ -190,10 +190,12 @@ def _run(module, args):
     return result.stdout
 
 
-def test_longlive_commands_end_to_end_on_a_tiny_wan_folder(folders, tmp_path, monkeypatch, capsys):
-    """kvpo-train --config configs/longlive_kvpo.yaml (LongLive lora.pt, UMT5 prompts, VAE-decoded CLIP reward,
-    sample videos), then kvpo-eval, offline: the adapter loads back into a fresh model with diffusers, the mp4s
-    decode with the right frames and size, the rewards are finite."""
+@pytest.mark.parametrize("config_file", ["configs/longlive_kvpo.yaml", "configs/memflow_kvpo.yaml"])
+def test_commands_end_to_end_on_a_tiny_wan_folder(config_file, folders, tmp_path, monkeypatch, capsys):
+    """kvpo-train --config configs/{longlive,memflow}_kvpo.yaml (a LongLive / MemFlow lora.pt: both are peft state
+    dicts in CausalWanModel names under "generator_lora"; UMT5 prompts, VAE-decoded CLIP reward, sample videos),
+    then kvpo-eval, offline: the adapter loads back into a fresh model with diffusers, the mp4s decode with the
+    right frames and size, the rewards are finite. MemFlow runs with its bank (records at blocks 0 and 3)."""
     import imageio
     import numpy
     from diffusers import WanTransformer3DModel
@@ -201,11 +203,11 @@ def test_longlive_commands_end_to_end_on_a_tiny_wan_folder(folders, tmp_path, mo
     base = WanTransformer3DModel.from_pretrained(folders["wan"], subfolder="transformer").eval()
     lora.add_lora(base, 4, 4)
     tiny.randomize_lora(base, seed=3)
-    lora_file = tmp_path / "longlive_lora.pt"
+    lora_file = tmp_path / "lora.pt"
     torch.save({"generator_lora": tiny.to_causal_wan_lora(lora.lora_state_dict(base))}, lora_file)
     run_dir = tmp_path / "run"
     sets = [arg for item in _longlive_overrides(folders, run_dir, lora_file) for arg in ("--set", item)]
-    out = _run("kvpo_kernels.trainer.cli", ["--config", "configs/longlive_kvpo.yaml", *sets])
+    out = _run("kvpo_kernels.trainer.cli", ["--config", config_file, *sets])
     assert "planned memory" in out
 
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"event"' not in line]
