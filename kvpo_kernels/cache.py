@@ -22,6 +22,12 @@ The cache keeps the sink plus the most recent ``cache_frames - sink_frames - fra
 history frames resident (``cache_frames`` counts the block being written, as the streaming generators' KV caches
 do), and evicts a frame as soon as it leaves every sequence's reach (:meth:`GroupKVCache.evict`). Routes are drawn
 from :meth:`GroupKVCache.route_pool` [frames 6..19, 14 frames, for a fork at frame >= 21].
+
+Route layouts (``route_layout``). ``"sink"`` (above; LongLive, and ours for MemFlow by default): a route is a list
+of absolute frames, read with the sink. ``"memflow"`` (the released MemFlow KVPO): a routed block reads no separate
+sink, only the route and the ``nearest_frames`` most recent frames (incl. itself); a route is a list of **slots** of
+the released rolling KV cache of ``cache_frames`` frames, and the frame a slot holds moves on as the cache rolls
+(:meth:`GroupKVCache.route_frames`), so the same route reads other frames at each perturbed block.
 """
 from __future__ import annotations
 
@@ -114,13 +120,14 @@ class GroupKVCache:
         frames_per_block, sink_frames, window_frames, nearest_frames, cache_frames: the window geometry (module
             docstring); ``cache_frames >= window_frames``, ``window_frames >= sink_frames + frames_per_block``,
             ``nearest_frames >= frames_per_block``.
+        route_layout: ``"sink"`` or ``"memflow"`` (module docstring); ``"memflow"`` needs ``sink_frames >= 1``.
         dtype, device: of the stored K/V (the transformer's).
         reserve_blocks: blocks to allocate up front (the pool grows by doubling when full).
     """
 
     def __init__(self, num_layers: int, frame_tokens: int, num_heads: int, head_dim: int, *, batch_size: int = 1,
                  frames_per_block: int = 3, sink_frames: int = 3, window_frames: int = 12, nearest_frames: int = 4,
-                 cache_frames: int = 21, dtype: torch.dtype = torch.float32,
+                 cache_frames: int = 21, route_layout: str = "sink", dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", reserve_blocks: int = 0):
         for name, value, minimum in (("num_layers", num_layers, 1), ("frame_tokens", frame_tokens, 1),
                                      ("num_heads", num_heads, 1), ("head_dim", head_dim, 1),
@@ -138,11 +145,18 @@ class GroupKVCache:
         if cache_frames < window_frames:
             raise ValueError(f"cache_frames ({cache_frames}) must be >= window_frames ({window_frames}): the cache "
                              f"must hold every frame of a window")
+        if route_layout not in ("sink", "memflow"):
+            raise ValueError(f"route_layout must be 'sink' or 'memflow', got {route_layout!r}")
+        if route_layout == "memflow" and sink_frames < 1:
+            # released causal_model.py l. 480: the perturbed window is built only when the cache has a sink
+            raise ValueError("route_layout 'memflow' needs sink_frames >= 1 (the released MemFlow routes only with "
+                             "a sink)")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.frames_per_block, self.sink_frames = int(frames_per_block), int(sink_frames)
         self.window_frames, self.nearest_frames = int(window_frames), int(nearest_frames)
         self.cache_frames = int(cache_frames)
+        self.route_layout = route_layout
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -286,13 +300,57 @@ class GroupKVCache:
         ``[max(sink, s + (P - 1) f - (cache - sink)), s - nearest)``, one block earlier: its cache size does not
         count the block being written. Ours keeps every pool frame resident through the last perturbed block
         (docs/recipe.md, "The route pool: our choice").
+
+        ``route_layout="memflow"``: cache slots, the released MemFlow plan's pool ``[0, min(s, cache_frames) -
+        nearest_frames)`` (``models/memflow/pipeline/diversity_sampling.py`` l. 67-83; the same for any P): every
+        history slot at a fork in a full cache (30 at the released geometry), the oldest ``s - 3`` before.
         """
         start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
         _check_int("perturbed_blocks", perturbed_blocks, 1)
+        if self.route_layout == "memflow":
+            return list(range(max(0, min(start, self.cache_frames) - self.nearest_frames)))
         f = self.frames_per_block
         last_start = start + (perturbed_blocks - 1) * f
         first = max(self.sink_frames, last_start - (self.cache_frames - self.sink_frames - f))
         return list(range(first, self._local_first(start, routed=True)))
+
+    def _slot_frame(self, slot: int, start: int) -> int:
+        """The frame that slot ``slot`` of the released MemFlow cache holds while the block at ``start`` runs."""
+        roll = max(0, start + self.frames_per_block - self.cache_frames)
+        return slot if slot < self.sink_frames else slot + roll
+
+    def route_frames(self, start_frame: int, route: Sequence[int]) -> list[int]:
+        """The absolute frames (in ``route``'s order) that ``route`` names for the block at ``start_frame``.
+
+        ``route_layout="sink"``: the route itself (absolute frames). ``"memflow"``: the route lists slots of the
+        released MemFlow KV cache (a branch plan's ``selected_older_frame_indices``, passed unchanged to every
+        perturbed block), and this is the frame each slot holds when the block reads it. Released
+        (``Richard-Zhang-AI/KVPO``, ``models/memflow``): the cache holds C = ``cache_frames`` frames
+        (``pipeline/streaming_training.py`` l. 53: local_attn_size + slice_last_frames = 12 + 21 = 33). The block
+        at frame s (f frames) first writes its own K/V into a clone ``temp_k`` of it (``wan/modules/
+        causal_model.py`` l. 366-458): while ``s + f <= C`` at slots ``[s, s + f)`` (slot = frame); from then on
+        each block rolls the non-sink slots left by f (l. 370-399) and sits at ``[C - f, C)``. So with ``L =
+        min(s + f, C)`` (``local_end_index``), slot j holds frame j if ``j < sink``, else ``j + max(0, s + f -
+        C)``. ``_build_perturbed_local_window`` (l. 190-228, called at l. 491) reads ``[bank | slots | nearest]``
+        (l. 503): nearest = slots ``[L - m, L)`` (the block itself when m = f), and every route slot j with
+        ``j + 1 <= L - m`` (l. 215), without LongLive's remap to absolute frames. Here a slot outside
+        ``[0, L - m)`` raises ValueError (released: skipped); the plan's pool :meth:`route_pool` never names one,
+        as ``min(s0, C) - m <= L - m`` at every perturbed block s >= s0. Every frame it names is resident in this
+        cache (oldest: ``s - (C - sink - f)``, the first frame this cache keeps).
+        """
+        start = _check_int("start_frame", start_frame, 0)
+        route = route.tolist() if isinstance(route, torch.Tensor) else list(route)
+        for entry in route:
+            if isinstance(entry, bool) or not isinstance(entry, numbers.Integral):
+                raise TypeError(f"routes: entry {entry!r} is not an int")
+        if self.route_layout == "sink":
+            return [int(frame) for frame in route]
+        end = min(start + self.frames_per_block, self.cache_frames) - self.nearest_frames
+        for slot in route:
+            if not 0 <= slot < end:
+                raise ValueError(f"routes: slot {slot} is not an older cache slot for the block at frame {start}: "
+                                 f"route_layout 'memflow' reads slots in [0, {end}) (before the nearest frames)")
+        return [self._slot_frame(int(slot), start) for slot in route]
 
     def visible_frames(self, start_frame: int, route: Optional[Sequence[int]] = None) -> list[int]:
         """History frames (sorted) that the block starting at ``start_frame`` reads, with or without a route."""
@@ -300,6 +358,15 @@ class GroupKVCache:
         sink = set(range(min(self.sink_frames, start)))
         if route is None:
             return sorted(sink | set(range(self._local_first(start, routed=False), start)))
+        if self.route_layout == "memflow":
+            frames = self.route_frames(start, route)
+            if len(set(frames)) != len(frames):
+                raise ValueError(f"routes: a route repeats a slot: {list(route)}")
+            end = min(start + self.frames_per_block, self.cache_frames)
+            # the nearest history frames: released slots [L - m, L) without the block's own f
+            nearest = [self._slot_frame(slot, start) for slot in range(max(0, end - self.nearest_frames),
+                                                                        end - self.frames_per_block)]
+            return sorted(frames + nearest)
         first_nearest = self._local_first(start, routed=True)
         route = route.tolist() if isinstance(route, torch.Tensor) else list(route)
         for frame in route:
@@ -318,7 +385,8 @@ class GroupKVCache:
         """One batched block table for all sequences, ready for :func:`kvpo_kernels.routed_attention`.
 
         ``routes``: None (every sequence sees its default window) or one entry per sequence: a list of absolute
-        older frames (a routed branch) or None (an unperturbed sequence, e.g. the anchor). Returns
+        older frames (a routed branch; cache slots with ``route_layout="memflow"``, see :meth:`route_frames`) or
+        None (an unperturbed sequence, e.g. the anchor). Returns
         ``block_table int32 [B, M]`` (row b: the block ids of sequence b's visible history frames in frame order,
         padded with block 0) and ``block_counts int32 [B]``, on ``device`` (default: the cache's).
         Raises ``ValueError`` if a visible frame is not resident in that sequence (evicted or never written).
@@ -439,19 +507,23 @@ class GroupKVCache:
     def bank_block_tables(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
                           device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer: :meth:`block_table`'s rows with
-        the layer's bank blocks after the sink, ``[sink | bank | local or route + nearest]`` (MemFlow). A bank
-        frame that is also in the window is listed twice, as the released attention concatenates both."""
+        the layer's bank blocks after the sink, ``[sink | bank | local or route + nearest]`` (MemFlow), or first in
+        a routed row of ``route_layout="memflow"``, ``[bank | route frames | nearest]``. A bank frame that is also
+        in the window is listed twice, as the released attention concatenates both."""
         start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
+        routes = None if routes is None else list(routes)
         table, counts = self.block_table(start, routes, device="cpu")
         sink = min(self.sink_frames, start)
+        heads = [0 if self.route_layout == "memflow" and routes is not None and routes[b] is not None else sink
+                 for b in range(self.batch_size)]
         history = [table[b, :counts[b]].tolist() for b in range(self.batch_size)]
         target = self.device if device is None else torch.device(device)
         if target.type == "meta":
             target = torch.device("cpu")
         tables = []
         for layer in range(self.num_layers):
-            rows = [row[:sink] + [block for _, block in banks[layer]] + row[sink:]
-                    for row, banks in zip(history, self._banks)]
+            rows = [row[:head] + [block for _, block in banks[layer]] + row[head:]
+                    for row, head, banks in zip(history, heads, self._banks)]
             width = max(1, max(len(row) for row in rows))
             tables.append((torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32,
                                         device=target),

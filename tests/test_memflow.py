@@ -6,7 +6,10 @@ with the released token counters (G, L, the pending ``k_new``) rather than the l
 of block i is simulated from the keys of the earlier frames that this very forward computes (a frame's keys depend
 only on earlier frames), a slot's saliency is the full mean of the [text x frame] score matrix, and a frame that is
 both in the bank and in the sink / window gets weight 2 (an additive log 2 in the mask), as the released
-concatenation ``[sink | bank | local]`` repeats it. No kvpo code runs in the reference.
+concatenation ``[sink | bank | local]`` repeats it. A routed block reads the sink, its route frames and its nearest
+frames, or with ``route_layout="memflow"`` no separate sink: the frames that the released cache holds in the
+route's slots, from a transcription of the released slot arithmetic (``_released_perturbed_reads``). No kvpo code
+runs in the reference.
 """
 import copy
 import math
@@ -19,6 +22,7 @@ from _assertions import assert_close_to_truth
 pytest.importorskip("diffusers")
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
+from kvpo_kernels.cache import GroupKVCache  # noqa: E402
 from kvpo_kernels.integrations.diffusers import StreamingConfig, StreamingWanGenerator  # noqa: E402
 from kvpo_kernels.routing import chr_routes  # noqa: E402
 from test_diffusers_adapter import LATENT, TINY, _model  # noqa: E402
@@ -26,10 +30,10 @@ from test_diffusers_adapter import LATENT, TINY, _model  # noqa: E402
 TOKENS = LATENT["latent_height"] // 2 * (LATENT["latent_width"] // 2)
 
 
-def _config(rule="rollout", bank=3, interval=3):
-    # LongLive geometry with MemFlow's m_nearest_frames = 3 (the nearest frames are the block itself).
+def _config(rule="rollout", bank=3, interval=3, layout="sink"):
+    # LongLive geometry (cache 21) with MemFlow's m_nearest_frames = 3 (the nearest frames are the block itself).
     return StreamingConfig(nearest_frames=3, memory_bank_frames=bank, bank_record_interval=interval,
-                           bank_rule=rule, **LATENT)
+                           bank_rule=rule, route_layout=layout, **LATENT)
 
 
 # ------------------------------------------------------------------------------------------ independent reference
@@ -66,12 +70,14 @@ def _released_banks(config, num_blocks, saliency, frozen_from=None):
 
 
 def _frame_counts(config, num_frames, banks, routes_by_block):
-    """float64 [F, F]: how many times a query of frame i reads frame j (0 = masked)."""
-    f, sink = config.frames_per_block, config.sink_frames
+    """float64 [F, F]: how many times a query of frame i reads frame j (0 = masked). A routed block reads the sink,
+    its route frames and its nearest frames, or, with route_layout "memflow", no separate sink."""
+    f = config.frames_per_block
     counts = torch.zeros(num_frames, num_frames, dtype=torch.float64)
     for i in range(num_frames):
         block, start = i // f, i // f * f
         route = routes_by_block.get(block)
+        sink = 0 if route is not None and config.route_layout == "memflow" else config.sink_frames
         reach = config.window_frames - sink if route is None else config.nearest_frames
         for j in range(num_frames):
             own = start <= j < start + f
@@ -269,6 +275,202 @@ def test_group_fork_shares_the_bank_and_routes_only_the_local_part():
     assert [cache.bank_blocks(layer) for layer in range(TINY["num_layers"])] == parent_banks
 
 
+# ------------------------------------------------------------------ routed blocks in the released MemFlow layout
+def _released_cache_step(slots, global_end, local_end, start, f, sink, capacity):
+    """One forward of the block at frame ``start`` on the released cache, transcribed in frame units with frame
+    labels for the K/V (models/memflow/wan/modules/causal_model.py l. 347-458): returns ``temp_k``'s labels and its
+    ``local_end_index``; the commit stores them (``_apply_cache_updates``: the same roll and insert)."""
+    temp = list(slots)
+    current_end = start + f
+    if current_end > global_end and f + local_end > capacity:  # roll_and_insert
+        evicted = f + local_end - capacity
+        rolled = local_end - evicted - sink
+        new_local_end = local_end + current_end - global_end - evicted
+        temp[sink:sink + rolled] = temp[sink + evicted:sink + evicted + rolled]
+    else:  # direct_insert
+        new_local_end = local_end + current_end - global_end
+    temp[new_local_end - f:new_local_end] = range(start, start + f)
+    return temp, new_local_end
+
+
+def _released_perturbed_reads(start, selected, f=3, sink=3, capacity=33, m=3):
+    """``(older, nearest)`` frame labels that the released ``_build_perturbed_local_window`` (l. 190-228) reads in
+    the block at ``start`` for the plan's ``selected_older_frame_indices``, after blocks 0 .. start - f were
+    committed; ``nearest`` without the block's own frames."""
+    slots, global_end, local_end = [None] * capacity, 0, 0
+    for block_start in range(0, start + 1, f):
+        temp, new_local_end = _released_cache_step(slots, global_end, local_end, block_start, f, sink, capacity)
+        if block_start < start:  # committed
+            slots, global_end, local_end = temp, block_start + f, new_local_end
+    nearest_start = max(0, new_local_end - m)
+    older = [temp[j] for j in selected if j + 1 <= nearest_start and j + 1 <= len(temp)]
+    return older, temp[nearest_start:new_local_end - f]
+
+
+def _released_memflow_plan(fork_frame, num_branches, base_seed, sample_idx, seed_context, f=3, window=12, m=3,
+                           capacity=33):
+    """The released MemFlow ``plan_perturbation`` pool and ``_build_dispersed_branch_plans``
+    (pipeline/diversity_sampling.py l. 67-83, 105-114, 311-357) for a given fork: (pool size, branch slot lists)."""
+    pool = max(min(fork_frame, capacity) - m, 0)
+    n_to_select = min(window - m, pool)
+    master_rng = torch.Generator()
+    master_rng.manual_seed(base_seed + sample_idx * 97 + 1 + seed_context)
+    master_perm = torch.randperm(pool, generator=master_rng).tolist()
+    shift = max(1, pool // num_branches)
+    return pool, [sorted(master_perm[((k * shift) % pool + i) % pool] for i in range(n_to_select))
+                  for k in range(num_branches)]
+
+
+def _released_eligible_forks(total_frames=147, chunk_size=21, min_new_frame=18, within=7, P=5, f=3, window=12,
+                             m=3, capacity=33):
+    """The released MemFlow plan's eligible fork frames (diversity_sampling.py l. 72-89, chunks l. 360-380)."""
+    chunks, current = [], 0
+    while current < total_frames:
+        end = min(current + (chunk_size if not chunks else min_new_frame), total_frames)
+        chunks.append((current, end - current))
+        current = end
+    eligible = []
+    for start_frame, new_frames in chunks[:within]:
+        for bi in range(new_frames // f):
+            abs_frame = start_frame + bi * f
+            pool = max(min(abs_frame, capacity) - m, 0)
+            if abs_frame >= window and bi + P <= new_frames // f and pool >= window - m:
+                eligible.append(abs_frame)
+    return eligible
+
+
+def _memflow_cache(**geometry):
+    geometry = {**dict(frames_per_block=3, sink_frames=3, window_frames=12, nearest_frames=3, cache_frames=33),
+                **geometry}
+    return GroupKVCache(1, 2, 1, 4, route_layout="memflow", device="meta", **geometry)
+
+
+@pytest.mark.parametrize("fork_frame", _released_eligible_forks())
+def test_memflow_route_slots_read_the_released_frames(fork_frame):
+    """Released geometry (P = 5, cache 33, sink 3, window 12, m 3): at each perturbed block the frames that
+    route_frames gives for every pool slot are the ones the transcribed released cache holds in those slots, and
+    each is resident in our cache (so the block table builds). Forks 21 and 24 start before the cache rolls (it
+    rolls at frame 33, inside their perturbed window); from fork 39 on it rolls at every block."""
+    cache = _memflow_cache()
+    pool = cache.route_pool(fork_frame, 5)
+    assert pool == list(range(min(fork_frame, 33) - 3))
+    for p in range(5):
+        start = fork_frame + 3 * p
+        while cache.num_frames < start:
+            cache.append_frames()
+            cache.evict()
+        older, nearest = _released_perturbed_reads(start, pool)
+        assert len(older) == len(pool) and nearest == []  # no pool slot is ever skipped; m = 3: only the block
+        assert cache.route_frames(start, pool) == older, (start, older)
+        assert cache.visible_frames(start, pool) == sorted(older)
+        assert set(older) <= set(cache.frames(0)), sorted(set(older) - set(cache.frames(0)))
+        cache.block_table(start, [pool])
+    # pinned examples: slot 3 reads frame 3 + max(0, s + 3 - 33), the sink slots 0..2 always frames 0..2
+    assert cache.route_frames(fork_frame + 12, [0, 2, 3]) == [0, 2, 3 + max(0, fork_frame + 15 - 33)]
+
+
+def test_memflow_route_frames_before_and_after_the_cache_rolls():
+    """Fork 21: blocks 21..30 read slot = frame, block 33 reads the non-sink slots 3 frames later; fork 39: every
+    block reads them 3 frames later than the one before (the same slot names another frame at each block)."""
+    cache = _memflow_cache()
+    route = [0, 2, 3, 10, 17]
+    assert [cache.route_frames(s, route) for s in (21, 30, 33)] == [route, route, [0, 2, 6, 13, 20]]
+    assert [cache.route_frames(s, [1, 3, 29]) for s in (39, 42, 51)] == [[1, 12, 38], [1, 15, 41], [1, 24, 50]]
+    sink_layout = GroupKVCache(1, 2, 1, 4, nearest_frames=3, cache_frames=33, device="meta")
+    assert sink_layout.route_frames(33, route) == route  # the default layout's routes are absolute frames
+    with pytest.raises(ValueError, match="slot 30"):
+        cache.route_frames(39, [30])  # slots 30..32 hold the block itself
+    assert cache.visible_frames(21, [18, 20]) == [18, 20]  # outside the plan's pool [0, 18), still older slots
+    with pytest.raises(ValueError, match="slot 21"):
+        cache.visible_frames(21, [21])  # before the roll the block sits at slots 21..23
+    with pytest.raises(ValueError, match="repeats"):
+        cache.visible_frames(39, [4, 4])
+    with pytest.raises(TypeError, match="entry"):
+        cache.route_frames(39, [1.0])
+
+
+@pytest.mark.parametrize("sample_idx,seed_context", [(0, 0), (3, 1_000_003), (7, 5 * 1_000_003)])
+def test_memflow_routes_are_the_released_plans_draw_for_draw(sample_idx, seed_context):
+    """memflow1.3b: the eligible forks, pool sizes and the chr routes over route_pool equal the released MemFlow
+    plan (its dispersed branch plans are LongLive's over the slot pool [0, pool)) for the same seed."""
+    from kvpo_kernels.trainer.config import load_config
+
+    config = load_config("memflow1.3b")
+    streaming, rollout = config.streaming, config.rollout
+    forks = [3 * block for block in config.fork_blocks()]
+    assert forks == _released_eligible_forks() == [21, 24, 39, 42, 57, 60, 75, 78, 93, 96, 111, 114]
+    cache = _memflow_cache()
+    for fork in forks:
+        size, plans = _released_memflow_plan(fork, 8, 42, sample_idx, seed_context)
+        assert streaming.route_pool_size(fork // 3, 5) == size == len(cache.route_pool(fork, 5))
+        seed = 42 + sample_idx * 97 + 1 + seed_context
+        ours = chr_routes(cache.route_pool(fork, 5), rollout.num_branches, config.num_routed(),
+                          generator=torch.Generator().manual_seed(seed))
+        assert ours == plans, fork
+    assert config.num_routed() == 9
+
+
+@pytest.mark.parametrize("fork,perturbed", [(5, 3), (8, 2)])
+def test_memflow_routed_branches_equal_the_masked_full_forward(fork, perturbed):
+    """route_layout "memflow" (cache 21): two routed branches and the anchor, batched, over P perturbed blocks
+    (committed routed, as released), each equal to the masked full-sequence forward in which the perturbed blocks
+    read [bank | the transcribed released slot frames | the block]. Fork 5 (frame 15): the cache rolls at frame 21,
+    the last perturbed block; fork 8 (frame 24): it has rolled, every block reads other frames."""
+    config = _config("rollout", 2, 2, layout="memflow")
+    model = _model(6)
+    gen = StreamingWanGenerator(model, config, backend="torch")
+    assert gen.num_routed == 9
+    prefix, prompt = _inputs(config, 1, fork, seed=3)
+    cache = gen.new_cache(1)
+    for index in range(fork):
+        gen.commit_block(cache, index, _block(prefix, config, index), prompt)
+    pool = gen.route_pool(cache, fork, perturbed)
+    assert pool == list(range(min(3 * fork, 21) - 3))
+    routes = chr_routes(pool, 2, gen.num_routed, generator=torch.Generator().manual_seed(fork))
+    group = cache.fork(3)
+    torch.manual_seed(fork)
+    chunk = torch.randn(3, TINY["in_channels"], 3 * perturbed, LATENT["latent_height"], LATENT["latent_width"])
+    read = [{} for _ in routes]  # per branch: block -> the frames the released code reads
+    for index in range(fork, fork + perturbed):
+        for k, route in enumerate(routes):
+            older, nearest = _released_perturbed_reads(3 * index, route, capacity=21)
+            assert nearest == [] and len(older) == 9
+            read[k][index] = older
+        x_t = torch.randn(3, TINY["in_channels"], 3, LATENT["latent_height"], LATENT["latent_width"])
+        sigma = torch.tensor([0.8, 0.5, 0.3])
+        with torch.no_grad():  # no graph holding pool views while the commits below grow the pool
+            got = gen.predict_x0(group, index, x_t, sigma, prompt, routes=routes + [None])
+        (table, counts), bank = group.bank_block_tables(3 * index, routes + [None])[0], group.bank_blocks(0)
+        assert table[0, :counts[0]].tolist() == bank[0] + [group._maps[0][j] for j in sorted(read[0][index])]
+        assert table[2, :3].tolist() == [group._maps[2][j] for j in range(3)]  # the anchor: [sink | bank | local]
+        for k in range(3):
+            history = torch.cat([prefix, chunk[k:k + 1, :, :3 * (index - fork)]], dim=2)
+            (truth, baseline), _ = _reference_x0(model, config, history, x_t[k:k + 1], sigma[k:k + 1], prompt,
+                                                 read[k] if k < 2 else None)
+            assert_close_to_truth(f"x0 of sequence {k}, block {index}", got[k:k + 1], truth, baseline)
+        gen.commit_block(group, index, chunk[:, :, 3 * (index - fork):3 * (index - fork + 1)], prompt,
+                         routes=routes + [None])
+    last = fork + perturbed - 1
+    assert any(frame != slot for slot, frame in zip(routes[0], read[0][last]))  # the cache has rolled
+
+
+def test_memflow_layout_validation():
+    with pytest.raises(ValueError, match="route_layout"):
+        StreamingConfig(route_layout="longlive")
+    with pytest.raises(ValueError, match="route_layout 'memflow' needs sink_frames"):
+        GroupKVCache(1, 2, 1, 4, sink_frames=0, route_layout="memflow", device="meta")
+    gen = StreamingWanGenerator(_model(0), _config(layout="memflow"), backend="torch")
+    other = StreamingWanGenerator(_model(0), _config(), backend="torch")
+    clean, prompt = _inputs(gen.config, 1, 1, seed=0)
+    with pytest.raises(ValueError, match="route_layout"):
+        gen.predict_x0(other.new_cache(1), 0, clean, 0.5, prompt)
+    from kvpo_kernels.trainer.config import load_config
+    with pytest.raises(ValueError, match="streaming.route_layout"):
+        load_config("tiny", overrides=["streaming.route_layout=memflow2"])
+    with pytest.raises(ValueError, match="streaming.route_layout: 'memflow' needs streaming.sink_frames"):
+        load_config("tiny", overrides=["streaming.route_layout=memflow", "streaming.sink_frames=0"])
+
+
 def test_memflow_off_by_default_and_bad_config():
     assert StreamingConfig().memory_bank_frames == 0
     for bad in (dict(memory_bank_frames=-1), dict(bank_record_interval=0), dict(memory_bank_frames=True),
@@ -289,14 +491,15 @@ def test_memflow_preset_is_longlive_plus_the_bank():
     memflow, longlive = load_config("memflow1.3b"), load_config("wan1.3b")
     assert config_differences(longlive.to_dict(), memflow.to_dict()) == {
         "streaming.nearest_frames": (4, 3), "streaming.memory_bank_frames": (0, 3),
-        "model.causal_checkpoint_key": (None, "generator"),
+        "model.causal_checkpoint_key": (None, "generator"), "streaming.route_layout": ("sink", "memflow"),
         "run.output_dir": ("runs/wan1.3b", "runs/memflow1.3b")}
     assert memflow.streaming.bank_record_interval == 3 and memflow.streaming.bank_rule == "rollout"
-    assert memflow.num_routed() == 12 - 3 - 3
+    assert memflow.num_routed() == 12 - 3 == 9 and longlive.num_routed() == 12 - 3 - 4  # released n_random
 
 
 def test_trainer_steps_with_the_bank_and_never_grows_the_pool(tmp_path, monkeypatch):
-    """kvpo-train's rollout and replay run in MemFlow mode (tiny model); the pool is sized up front incl. the bank."""
+    """kvpo-train's rollout and replay run in MemFlow mode with the released route layout (tiny model: routes of
+    cache slots, num_routed = window - nearest); the pool is sized up front incl. the bank and never grows."""
     from _trainer_setup import FAST
     from kvpo_kernels.cache import _BlockPool
     from kvpo_kernels.trainer.config import load_config
@@ -304,15 +507,18 @@ def test_trainer_steps_with_the_bank_and_never_grows_the_pool(tmp_path, monkeypa
     from kvpo_kernels.trainer.rollout import group_rollout, replay_energies
 
     config = load_config("tiny", overrides=FAST + [f"run.output_dir={tmp_path}", "streaming.memory_bank_frames=2",
-                                                   "streaming.bank_record_interval=2"])
+                                                   "streaming.bank_record_interval=2", "streaming.route_layout=memflow",
+                                                   "rollout.num_routed=2"])
     trainer = Trainer(config)
-    assert trainer.generator.config.memory_bank_frames == 2
+    assert trainer.generator.config.memory_bank_frames == 2 and trainer.generator.config.route_layout == "memflow"
+    assert trainer.generator.num_routed == 5 - 2  # tiny: window 5, nearest 2 (the trainer routes 2: pool 3 at fork 5)
     grows, real_grow = [], _BlockPool.grow
     monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
     ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=6,
                        perturbed_blocks=1, num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
                        rng=torch.Generator().manual_seed(0))
     assert ro.prefix_cache.bank_frames(0, 0) and len(ro.prefix_cache.bank_frames(0, 0)) == 2
+    assert all(set(route) <= set(range(6 - 2)) for route in ro.routes)  # slots of the pool [0, min(6, 8) - 2)
     energies = replay_energies(trainer.generator, ro, num_blocks=2, grad_steps=1)
     assert len(grows) == 1, f"the pool grew after it was made: {grows}"
     assert torch.isfinite(energies).all()

@@ -91,10 +91,15 @@ class StreamingSection:
     memory_bank_frames: int = 0            # MemFlow's KV memory bank, frames per layer (released bank_size: 3); 0: off
     bank_record_interval: int = 3          # MemFlow: one bank slot per this many blocks (released record_interval: 3)
     bank_rule: str = "rollout"             # MemFlow's released bank update: rollout | inference (see memflow.py)
+    route_layout: str = "sink"             # routed blocks read [sink | (bank) | route | nearest] ("sink") or, as the
+    #                                        released MemFlow KVPO, [bank | route | nearest] with routes of cache
+    #                                        slots ("memflow"; GroupKVCache.route_frames)
 
     def route_pool_size(self, fork_block: int, perturbed_blocks: int) -> int:
         """Frames a route may use when forking at `fork_block` (GroupKVCache.route_pool's formula; docs/recipe.md)."""
         f, start = self.frames_per_block, fork_block * self.frames_per_block
+        if self.route_layout == "memflow":  # the released MemFlow plan's slot pool
+            return max(0, min(start, self.cache_frames) - self.nearest_frames)
         first = max(self.sink_frames, start + (perturbed_blocks - 1) * f - (self.cache_frames - self.sink_frames - f))
         return max(0, start - (self.nearest_frames - f) - first)
 
@@ -113,6 +118,7 @@ class RolloutConfig:
     perturbed_blocks: int = 1              # P: blocks generated with routed KV after the fork
     num_branches: int = 4                  # G: routed branches per group (plus one unperturbed anchor)
     num_routed: Optional[int] = None       # older frames each branch routes in; None: window - sink - nearest
+    #                                        (streaming.route_layout memflow: window - nearest)
     sampler: str = "chr"                   # route sampler: chr (causal-history routing) | uniform
     groups_per_step: int = 1               # groups (prompts) per optimizer step, split across ranks
     latent_height: int = 8                 # latent grid height
@@ -192,7 +198,8 @@ class TrainConfig:
 
     def num_routed(self) -> int:
         s = self.streaming
-        default = max(0, s.window_frames - s.sink_frames - s.nearest_frames)
+        sink = 0 if s.route_layout == "memflow" else s.sink_frames  # memflow: no separate sink in a routed block
+        default = max(0, s.window_frames - sink - s.nearest_frames)
         return default if self.rollout.num_routed is None else self.rollout.num_routed
 
     def fork_blocks(self) -> List[int]:
@@ -232,6 +239,9 @@ class TrainConfig:
         if rollout.fork_max + rollout.perturbed_blocks > rollout.num_blocks:
             raise InputValueError(f"rollout.perturbed_blocks: fork_max + perturbed_blocks ({rollout.fork_max} + "
                                   f"{rollout.perturbed_blocks}) must be <= num_blocks ({rollout.num_blocks})")
+        if streaming.route_layout == "memflow" and streaming.sink_frames < 1:
+            raise InputValueError("streaming.route_layout: 'memflow' needs streaming.sink_frames >= 1 (the released "
+                                  "MemFlow routes only with a sink)")
         self._check_forks()
         steps = len(streaming.timesteps)
         if not 1 <= self.replay.grad_steps <= steps:
@@ -376,7 +386,7 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
                                                       "cache_frames")},
     "streaming.sink_frames": _at_least(0),
     "streaming.memory_bank_frames": _at_least(0), "streaming.bank_record_interval": _at_least(1),
-    "streaming.bank_rule": _one_of("rollout", "inference"),
+    "streaming.bank_rule": _one_of("rollout", "inference"), "streaming.route_layout": _one_of("sink", "memflow"),
     "streaming.timesteps": _each(lambda value: 0 < value <= 1000, "a non-empty list of integers in (0, 1000]"),
     "streaming.shift": ((lambda value: value > 0), "> 0"),
     **{f"rollout.{name}": _at_least(1) for name in ("num_blocks", "perturbed_blocks", "groups_per_step",
@@ -471,7 +481,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # value list with file:line is in docs/memflow.md): LongLive's preset with the memory bank and m_nearest_frames 3.
 PRESETS["memflow1.3b"] = _merge(TrainConfig(), PRESETS["wan1.3b"], "").to_dict()
 PRESETS["memflow1.3b"]["streaming"].update(nearest_frames=3, memory_bank_frames=3, bank_record_interval=3,
-                                           bank_rule="rollout")
+                                           bank_rule="rollout", route_layout="memflow")  # 9 routed cache slots
 PRESETS["memflow1.3b"]["model"].update(causal_checkpoint_key="generator")  # the released trainer's first choice
 PRESETS["memflow1.3b"]["run"].update(output_dir="runs/memflow1.3b")
 

@@ -144,7 +144,8 @@ class Trainer:
                             cache_frames=streaming.cache_frames, latent_height=config.rollout.latent_height,
                             latent_width=config.rollout.latent_width, context_noise=streaming.context_noise,
                             memory_bank_frames=streaming.memory_bank_frames,
-                            bank_record_interval=streaming.bank_record_interval, bank_rule=streaming.bank_rule),
+                            bank_record_interval=streaming.bank_record_interval, bank_rule=streaming.bank_rule,
+                            route_layout=streaming.route_layout),
             backend=config.model.backend)
         model_config = self.transformer.config
         self.latent_shape = (model_config.in_channels, config.rollout.latent_height, config.rollout.latent_width)

@@ -8,6 +8,10 @@ Rollout of one group (one prompt entry), all under ``torch.no_grad()`` with the 
                                     anchor: its default window), the rest unperturbed; the same initial and
                                     re-noising noise for every sequence, so only the routing differs
 
+Routes come from the generator's pool (``route_pool``) and count (``num_routed``) of its ``route_layout``: absolute
+frames read with the sink ("sink"), or the released MemFlow plan's cache slots, read without a sink and translated
+by the cache into the frames each perturbed block reads ("memflow", ``GroupKVCache.route_frames``).
+
 Prompt segments (LongLive's multi-prompt long video). A prompt entry holds S segments and S - 1 switch frames; a
 block starting at or after switch i cross-attends to segment i + 1. Before the first block of a new segment the
 window is re-encoded under it (:meth:`StreamingWanGenerator.recache`; the sink is global), in the prefix cache
@@ -180,7 +184,8 @@ class GroupRollout:
     chunk: ``[G + 1, C, (num_blocks - fork_block) * f, H, W]`` clean latents from the fork to the end.
     x_t, x0_pred: ``[NC, K, G + 1, C, f, H, W]`` the noisy input and the predicted x0 of every chunk block (NC of
     them), step and sequence. commit_noise: ``[NC, 1, C, f, H, W]`` each chunk block's commit noise (None when
-    context_noise is 0). routes: the G branch routes (absolute frame indices). sigmas: ``[K]``.
+    context_noise is 0). routes: the G branch routes (absolute frame indices; with ``route_layout="memflow"`` the
+    released plan's cache slots, which each perturbed block reads as ``GroupKVCache.route_frames``). sigmas: ``[K]``.
     prompt_embeds: the segments' ``[1, L_s, D]``; segment_ids: their ids (rewards' prompt ids); switch_frames:
     where segments 1.. start (aligned). prompt_id: index of the prompt entry. perturbed_chunk: ``(start, end)``
     frames of the streaming chunk holding the fork; window_blocks: blocks the replay covers from the fork.

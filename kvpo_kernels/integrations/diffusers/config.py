@@ -41,6 +41,9 @@ class StreamingConfig:
     bank_record_interval: int = 3   # MemFlow: the bank gains a slot every this many blocks (record_interval: 3)
     bank_rule: str = "rollout"      # MemFlow: which released update rule ("rollout": streaming_training.py, the
     #                                 one KVPO's rollouts run; "inference": causal_inference.py); see memflow.py
+    route_layout: str = "sink"      # what a routed block reads: "sink" (ours / LongLive): [sink | bank | route |
+    #                                 nearest], a route = absolute frames; "memflow" (released MemFlow KVPO): [bank |
+    #                                 route | nearest], a route = cache slots, window - nearest of them (GroupKVCache)
 
     def __post_init__(self):
         for name in ("frames_per_block", "sink_frames", "window_frames", "nearest_frames", "cache_frames",
@@ -56,6 +59,8 @@ class StreamingConfig:
                 raise ValueError(f"StreamingConfig.{name} must be an int >= {minimum}, got {value!r}")
         if self.bank_rule not in ("rollout", "inference"):
             raise ValueError(f"StreamingConfig.bank_rule must be 'rollout' or 'inference', got {self.bank_rule!r}")
+        if self.route_layout not in ("sink", "memflow"):
+            raise ValueError(f"StreamingConfig.route_layout must be 'sink' or 'memflow', got {self.route_layout!r}")
         if isinstance(self.context_noise, bool) or not isinstance(self.context_noise, numbers.Integral) \
                 or not 0 <= self.context_noise < 1000:
             raise ValueError(f"StreamingConfig.context_noise must be an int timestep in [0, 1000), "

@@ -44,12 +44,16 @@ Equivalent frame-level form used here: after committing block j, the recorded bl
 salient slot. Doing this at the end of block j's commit instead of at block j + 1's first step is the same: nothing
 reads the bank in between, and a snapshot taken in between is re-updated identically by every branch.
 
+KVPO's routed blocks: the released MemFlow reads, in a perturbed block, ``[bank | 9 older cache slots | m = 3
+nearest frames]`` with no separate sink (``_build_perturbed_local_window``, l. 190-228, used at l. 483-504; the
+slots are drawn from ``[0, min(s, cache) - 3)``, which includes the sink slots, ``diversity_sampling.
+plan_perturbation`` l. 67-83), and a slot names another frame at each block once the cache rolls. That is
+``StreamingConfig(route_layout="memflow")`` (the ``memflow1.3b`` preset): routes of cache slots, translated per
+block by :meth:`GroupKVCache.route_frames`. The default ``"sink"`` reads ``[sink | bank | route | nearest]`` with
+``window - sink - nearest = 6`` absolute frames from :meth:`GroupKVCache.route_pool`.
+
 What is not reproduced (checked against the released code, not implemented here):
 
-- KVPO's routed blocks in the released MemFlow read ``[bank | 9 older cache slots + m = 3 nearest frames]`` with
-  no separate sink (``_build_perturbed_local_window``, l. 190-228; the slots are drawn from ``[0, min(s, cache) -
-  3)``, which includes the sink frames, ``diversity_sampling.plan_perturbation``). Ours reads ``[sink | bank |
-  route | nearest]`` with ``window - sink - nearest = 6`` routed frames from :meth:`GroupKVCache.route_pool`.
 - Prompt switches (the released re-cache runs ``q_bank`` with a zeroed cross-attention cache) and ``SMA`` (top-k
   routed bank attention, off in ``configs/train_kvpo_memflow.yaml``) raise / are absent.
 """

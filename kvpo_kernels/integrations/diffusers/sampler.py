@@ -18,7 +18,8 @@ class StreamingWanGenerator:
 
     ``block_index`` ``i`` covers latent frames ``[i * f, (i + 1) * f)`` (``f = config.frames_per_block``); the
     cache's batch holds the sequences (a group's branches + anchor) that run batched in one forward; ``routes``
-    (one entry per sequence: a list of older frames, or None for the default window) say which history each reads.
+    (one entry per sequence: a list of older frames, or None for the default window) say which history each reads
+    (with ``config.route_layout="memflow"`` a route lists cache slots: :meth:`GroupKVCache.route_frames`).
 
     Args:
         transformer: a ``diffusers.WanTransformer3DModel`` (patch_size[0] must be 1: one pool block = one frame).
@@ -45,7 +46,7 @@ class StreamingWanGenerator:
         # Validates the window geometry once, with the cache's own error messages.
         GroupKVCache(1, 1, 1, 1, frames_per_block=config.frames_per_block, sink_frames=config.sink_frames,
                      window_frames=config.window_frames, nearest_frames=config.nearest_frames,
-                     cache_frames=config.cache_frames, device="meta")
+                     cache_frames=config.cache_frames, route_layout=config.route_layout, device="meta")
         self.transformer = transformer
         self.config = dataclasses.replace(config)  # a copy: the default instance is shared between generators
         self.backend = backend
@@ -60,9 +61,11 @@ class StreamingWanGenerator:
 
     @property
     def num_routed(self) -> int:
-        """Routed frames per branch, ``window - sink - nearest`` (LongLive: 5)."""
+        """Routed frames per branch: ``window - sink - nearest`` (LongLive: 5), or with ``route_layout="memflow"``
+        ``window - nearest`` (released ``n_random = local_attn_size - m_nearest_frames``: 9), no separate sink."""
         c = self.config
-        return max(0, c.window_frames - c.sink_frames - c.nearest_frames)
+        sink = 0 if c.route_layout == "memflow" else c.sink_frames
+        return max(0, c.window_frames - sink - c.nearest_frames)
 
     def new_cache(self, batch_size: int, *, reserve_blocks: Optional[int] = None,
                   dtype: Optional[torch.dtype] = None) -> GroupKVCache:
@@ -83,11 +86,12 @@ class StreamingWanGenerator:
                             batch_size=batch_size, frames_per_block=self.config.frames_per_block,
                             sink_frames=self.config.sink_frames, window_frames=self.config.window_frames,
                             nearest_frames=self.config.nearest_frames, cache_frames=self.config.cache_frames,
-                            dtype=weight.dtype if dtype is None else dtype, device=weight.device,
-                            reserve_blocks=reserve_blocks)
+                            route_layout=self.config.route_layout, dtype=weight.dtype if dtype is None else dtype,
+                            device=weight.device, reserve_blocks=reserve_blocks)
 
     def route_pool(self, cache: GroupKVCache, block_index: int, perturbed_blocks: int = 1) -> list[int]:
-        """Frames a route may use when forking at ``block_index`` (see :meth:`GroupKVCache.route_pool`)."""
+        """Frames (``route_layout="memflow"``: cache slots) a route may use when forking at ``block_index`` (see
+        :meth:`GroupKVCache.route_pool`)."""
         return cache.route_pool(self._start(block_index), perturbed_blocks)
 
     def _start(self, block_index) -> int:
@@ -112,6 +116,9 @@ class StreamingWanGenerator:
         if cache.frame_tokens != self.frame_tokens or cache.num_layers != c.num_layers:
             raise ValueError(f"cache: built for {cache.frame_tokens} tokens/frame and {cache.num_layers} layers, "
                              f"this generator needs {self.frame_tokens} and {c.num_layers}")
+        if cache.route_layout != self.config.route_layout:
+            raise ValueError(f"cache: built with route_layout {cache.route_layout!r}, this generator's "
+                             f"config.route_layout is {self.config.route_layout!r} (use new_cache)")
         if cache.device != x.device:
             raise ValueError(f"{name} is on {x.device} but the cache is on {cache.device}")
         if prompt_embeds.dim() != 3 or prompt_embeds.shape[0] not in (1, cache.batch_size) \
