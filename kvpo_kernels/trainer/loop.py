@@ -9,7 +9,8 @@ One optimizer step (``Trainer.train_step``):
    ("global", averaged; :func:`~kvpo_kernels.trainer.rollout.group_rewards`) -> anchor-relative advantages ``[G]``;
 4. branch log-likelihoods from TVE replays: the policy's (with graph), the old policy's and the initial
    (reference) policy's (no graph; skipped when equal to the policy's): :meth:`Trainer._settle_energies`;
-5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward (:meth:`Trainer._group_loss`),
+5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward (:meth:`Trainer._group_loss`;
+   with ``replay.branch_backward_chunk_size`` n the replays and the backward take n branches at a time),
    then (:meth:`Trainer._apply_gradients`) gradients summed over ranks, non-finite check (skip the step, log it,
    leave the weights, optimizer and checkpoint untouched), norm clipping, AdamW (on fp32 master weights for a
    bf16/fp16 model), EMA.
@@ -434,7 +435,8 @@ class Trainer:
         chunks = self._branch_chunks(rollout.num_branches)
         # Rematerialising or branch-chunked: energies without a graph here, as a leaf that collects dLoss/dE for the
         # second pass. The loss (advantages, ratios, anchor protection, KL: all over the whole group) is evaluated
-        # once; the second pass adds sum_g dLoss/dE_g dE_g/dtheta chunk by chunk, the unchunked gradient.
+        # once; the second pass adds sum_g dLoss/dE_g dE_g/dtheta chunk by chunk, the unchunked gradient (released:
+        # the whole loss again per chunk, the other branches' log-likelihoods detached: the same sum).
         two_pass = replay.rematerialize or len(chunks) > 1
         energy = self._energies(rollout).requires_grad_() if two_pass else self._replay(rollout, grad=True)
         self._settle_energies(group, energy)

@@ -42,7 +42,9 @@ draws fresh commit noise in the replay; at its default, context_noise 0, we comm
 MemFlow: the replay records no new bank frame (released: ``update_bank=False``), so a replay whose window holds a
 record block reads another bank than its rollout did, as in the released code.
 With ``rematerialize``, :func:`backward_through_replay` trades one extra forward per gradient step for holding only
-one forward's activations.
+one forward's activations. Both replay functions take ``branches`` (a contiguous range of the G): a branch's replay
+reads only its own history, so the trainer can replay and back-propagate the group a chunk of branches at a time
+(``replay.branch_backward_chunk_size``).
 
 Rewards (released windows, :func:`group_rewards`). A :class:`~kvpo_kernels.trainer.rewards.RewardFn` is called with
 clean latents ``[G + 1, C, F', H, W]`` (anchor last) and ``prompt_ids [G + 1]``, the id of the segment's prompt
