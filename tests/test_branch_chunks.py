@@ -5,6 +5,7 @@ loss and metrics, the same weights after a short run, and no forward holds more 
 import pytest
 import torch
 
+from kvpo_kernels.cache import _BlockPool
 from kvpo_kernels.trainer.config import RESUMABLE, load_config
 from kvpo_kernels.trainer.loop import Trainer
 from kvpo_kernels.trainer.model import build_transformer, plan_memory
@@ -105,16 +106,20 @@ def test_a_short_run_trains_the_same_weights(tmp_path):
 
 
 @pytest.mark.parametrize("remat", [False, True])
-def test_no_forward_holds_more_than_a_chunk_of_branches(tmp_path, remat):
+def test_no_forward_holds_more_than_a_chunk_of_branches(tmp_path, remat, monkeypatch):
     """Every transformer forward of the update (the replays of the policy, with and without graph) and of the old /
-    reference replays batches at most n branches; unchunked, the replay batches all G."""
+    reference replays batches at most n branches; unchunked, the replay batches all G. Each chunk's replay reuses
+    the blocks the previous one freed: the KV pool never grows after the rollout sized it."""
     trainer = _second_step_trainer(tmp_path, f"replay.rematerialize={str(remat).lower()}")
-    batches = []
+    batches, grows, real_grow = [], [], _BlockPool.grow
     trainer.transformer.register_forward_pre_hook(
         lambda module, args: batches.append((args[0].shape[0], torch.is_grad_enabled())))
+    monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
     for chunk in (0, 3, 1):
         batches.clear()
+        grows.clear()
         _group_backward(trainer, chunk)
+        assert len(grows) == 1, f"chunk {chunk}: the pool grew after the rollout made it: {grows}"
         # the rollout's forwards batch 1 (prefix) or G + 1 (the chunk); the replays come after its last one
         last_rollout = max(index for index, (batch, _) in enumerate(batches) if batch == G + 1)
         replays = batches[last_rollout + 1:]

@@ -137,8 +137,8 @@ class ReplayConfig:
     #                                        + backward at a time with dLoss/dE; one forward's activations alive
     branch_backward_chunk_size: int = 0    # replay forwards + backward n branches at a time (released key; MemFlow
     #                                        4): energies of all G without graph, the loss once, then per chunk a
-    #                                        graph of n branches back-propagates dLoss/dE (one more no-graph replay,
-    #                                        as released); same gradient; 0 (or >= G): all G in one graph
+    #                                        graph of n branches back-propagates dLoss/dE (without rematerialize one
+    #                                        more no-graph replay, as released); same gradient; 0 or >= G: one graph
 
 
 @dataclass
