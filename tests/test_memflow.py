@@ -492,6 +492,7 @@ def test_memflow_preset_is_longlive_plus_the_bank():
     assert config_differences(longlive.to_dict(), memflow.to_dict()) == {
         "streaming.nearest_frames": (4, 3), "streaming.memory_bank_frames": (0, 3),
         "model.causal_checkpoint_key": (None, "generator"), "streaming.route_layout": ("sink", "memflow"),
+        "replay.branch_backward_chunk_size": (0, 4),
         "run.output_dir": ("runs/wan1.3b", "runs/memflow1.3b")}
     assert memflow.streaming.bank_record_interval == 3 and memflow.streaming.bank_rule == "rollout"
     assert memflow.num_routed() == 12 - 3 == 9 and longlive.num_routed() == 12 - 3 - 4  # released n_random

@@ -141,6 +141,10 @@ class ReplayConfig:
     energy_backend: str = "auto"           # kernel backend of velocity_energy (auto | cuda | triton | cpu | torch)
     rematerialize: bool = False            # two-pass replay: energies without graph, then one (block, step) forward
     #                                        + backward at a time with dLoss/dE; one forward's activations alive
+    branch_backward_chunk_size: int = 0    # replay forwards + backward n branches at a time (released key; MemFlow
+    #                                        4): energies of all G without graph, the loss once, then per chunk a
+    #                                        graph of n branches back-propagates dLoss/dE (without rematerialize one
+    #                                        more no-graph replay, as released); same gradient; 0 or >= G: one graph
 
 
 @dataclass
@@ -409,6 +413,7 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
                                                     "perturb_within_first_x_chunks")},
     "replay.energy_space": _one_of("x0", "velocity"), "optim.warmup_steps": _at_least(0),
     "replay.grad_steps": _at_least(1), "replay.policy_window_frames": _at_least(0),
+    "replay.branch_backward_chunk_size": _at_least(0),
     "streaming.context_noise": ((lambda value: 0 <= value < 1000), "a timestep in [0, 1000)"),
     "reward.long_reward_normal_clip_len": _at_least(1), "reward.vae_temporal_stride": _at_least(1),
     "replay.step_weights": _each(lambda value: value >= 0, "a list of numbers >= 0 (or null)"),
@@ -484,6 +489,7 @@ PRESETS["memflow1.3b"]["streaming"].update(nearest_frames=3, memory_bank_frames=
                                            bank_rule="rollout", route_layout="memflow")  # 9 routed cache slots
 PRESETS["memflow1.3b"]["model"].update(causal_checkpoint_key="generator")  # the released trainer's first choice
 PRESETS["memflow1.3b"]["run"].update(output_dir="runs/memflow1.3b")
+PRESETS["memflow1.3b"]["replay"].update(branch_backward_chunk_size=4)  # back-propagates the 8 branches 4 at a time
 
 
 def load_config(preset: Optional[str] = None, path: Optional[str] = None,
@@ -535,11 +541,13 @@ def _plain(value):
 
 
 # Keys that may differ between a checkpoint's config and the resuming run's without --allow-config-change: they
-# change how long / where / how visibly the run goes, or the kernel backend, not what is trained.
+# change how long / where / how visibly the run goes, the kernel backend, or how the backward is split to bound
+# memory (replay.branch_backward_chunk_size: same gradient), not what is trained.
 RESUMABLE = frozenset({"run.steps", "run.checkpoint_every", "run.progress", "run.plot", "run.resume",
                        "run.output_dir", "run.device", "run.cpu_threads", "model.backend", "replay.energy_backend",
                        "model.gradient_checkpointing", "run.sample_every", "run.eval_prompts", "run.eval_seeds",
-                       "model.offload", "reward.batch_size", "model.lora_export_merged"})
+                       "model.offload", "reward.batch_size", "model.lora_export_merged",
+                       "replay.branch_backward_chunk_size"})
 # Keys that define the trained state itself (geometry, dtype, which parameters train): never changed on resume.
 FIXED_ON_RESUME = frozenset({f"model.{name}" for name in (
     "pretrained", "subfolder", "dtype", "num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim",

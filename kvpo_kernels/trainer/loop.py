@@ -9,7 +9,8 @@ One optimizer step (``Trainer.train_step``):
    ("global", averaged; :func:`~kvpo_kernels.trainer.rollout.group_rewards`) -> anchor-relative advantages ``[G]``;
 4. branch log-likelihoods from TVE replays: the policy's (with graph), the old policy's and the initial
    (reference) policy's (no graph; skipped when equal to the policy's): :meth:`Trainer._settle_energies`;
-5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward (:meth:`Trainer._group_loss`),
+5. ``optim.updates_per_rollout`` times: loss per group / number of groups, backward (:meth:`Trainer._group_loss`;
+   with ``replay.branch_backward_chunk_size`` n the replays and the backward take n branches at a time),
    then (:meth:`Trainer._apply_gradients`) gradients summed over ranks, non-finite check (skip the step, log it,
    leave the weights, optimizer and checkpoint untouched), norm clipping, AdamW (on fp32 master weights for a
    bf16/fp16 model), EMA.
@@ -181,9 +182,10 @@ class Trainer:
         optim = self.config.optim
         # A bf16/fp16 model trains through fp32 master weights: AdamW steps (lr 1e-5 x O(1)) are mostly below
         # half a bf16 ulp of the weights and would round away. The model keeps the low-precision copy for the
-        # forwards; the optimizer, its clipping and the EMA work on the fp32 masters.
+        # forwards; the optimizer, its clipping and the EMA work on the fp32 masters. (A float64 model, e.g. a
+        # test's, trains in float64: fp32 masters would round it.)
         self.master = ([param.detach().float().clone().requires_grad_() for param in self.trainable]
-                       if any(param.dtype != torch.float32 for param in self.trainable) else None)
+                       if any(param.dtype in (torch.bfloat16, torch.float16) for param in self.trainable) else None)
         self.opt_params = self.master if self.master is not None else self.trainable
         self.optimizer = torch.optim.AdamW(self.opt_params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
@@ -285,12 +287,26 @@ class Trainer:
         return torch.Generator().manual_seed((self.config.run.seed * 1_000_003 + self.step * 10_007 + group) % 2**63)
 
     # ------------------------------------------------------------------------------------------------ one step
-    def _replay(self, rollout: GroupRollout, *, grad: bool) -> torch.Tensor:
+    def _replay(self, rollout: GroupRollout, *, grad: bool, branches: Optional[range] = None) -> torch.Tensor:
         replay = self.config.replay
         with torch.set_grad_enabled(grad):  # the policy window: rollout.window_blocks
             return replay_energies(self.generator, rollout, grad_steps=replay.grad_steps,
                                    step_weights=self.step_weights, energy_scale=replay.energy_scale,
-                                   energy_space=replay.energy_space, backend=replay.energy_backend)
+                                   energy_space=replay.energy_space, backend=replay.energy_backend,
+                                   branches=branches)
+
+    def _branch_chunks(self, num_branches: int) -> List[range]:
+        """The group's branches in runs of ``replay.branch_backward_chunk_size`` (the last one shorter); one run of
+        all of them when that is 0 or >= G (released ``_iter_branch_backward_chunks``)."""
+        size = self.config.replay.branch_backward_chunk_size
+        if size == 0 or size >= num_branches:
+            return [range(num_branches)]
+        return [range(start, min(start + size, num_branches)) for start in range(0, num_branches, size)]
+
+    def _energies(self, rollout: GroupRollout) -> torch.Tensor:
+        """``E [G, NB, K]`` of the current weights without a graph, replayed one branch chunk at a time."""
+        return torch.cat([self._replay(rollout, grad=False, branches=branches)
+                          for branches in self._branch_chunks(rollout.num_branches)])
 
     def _settle_energies(self, group: GroupData, policy_energy: Optional[torch.Tensor] = None) -> None:
         """Fix the old and reference policies' energies of `group` for the whole step, replaying each only when it
@@ -304,10 +320,10 @@ class Trainer:
         """
         if policy_energy is None:
             if not group.old_is_policy:
-                group.energy_old = self._replay(group.rollout, grad=False)
+                group.energy_old = self._energies(group.rollout)
             if self.ref is not None and not group.ref_is_policy:
                 with self._weights(self.ref):
-                    group.energy_ref = self._replay(group.rollout, grad=False)
+                    group.energy_ref = self._energies(group.rollout)
             return
         if group.energy_old is None:
             group.energy_old = policy_energy.detach()
@@ -417,9 +433,13 @@ class Trainer:
         config, rollout = self.config, group.rollout
         objective, replay = config.objective, config.replay
         temperatures = step_temperatures(rollout.sigmas.double()).to(self.device)
-        # Rematerialising: energies without a graph here, as a leaf that collects dLoss/dE for the second pass.
-        energy = (self._replay(rollout, grad=False).requires_grad_() if replay.rematerialize
-                  else self._replay(rollout, grad=True))
+        chunks = self._branch_chunks(rollout.num_branches)
+        # Rematerialising or branch-chunked: energies without a graph here, as a leaf that collects dLoss/dE for the
+        # second pass. The loss (advantages, ratios, anchor protection, KL: all over the whole group) is evaluated
+        # once; the second pass adds sum_g dLoss/dE_g dE_g/dtheta chunk by chunk, the unchunked gradient (released:
+        # the whole loss again per chunk, the other branches' log-likelihoods detached: the same sum).
+        two_pass = replay.rematerialize or len(chunks) > 1
+        energy = self._energies(rollout).requires_grad_() if two_pass else self._replay(rollout, grad=True)
         self._settle_energies(group, energy)
         logl = branch_log_likelihood(energy.double(), temperatures)
         logl_old = branch_log_likelihood(group.energy_old.double(), temperatures)
@@ -429,10 +449,8 @@ class Trainer:
         terms = kvpo_loss(logl, logl_old, logl_ref, advantages, anchor_beaten=group.anchor_beaten,
                           clip_low=objective.clip_low, clip_high=objective.clip_high, beta=objective.beta)
         (terms.loss / config.rollout.groups_per_step).backward()
-        if replay.rematerialize:
-            backward_through_replay(self.generator, rollout, energy.grad, grad_steps=replay.grad_steps,
-                                    step_weights=self.step_weights, energy_scale=replay.energy_scale,
-                                    energy_space=replay.energy_space, backend=replay.energy_backend)
+        for branches in chunks if two_pass else ():
+            self._backward_branches(rollout, energy.grad[branches.start:branches.stop], branches)
         reward = group.reward
         values = dict(loss=terms.loss, policy_loss=terms.policy_loss, kl=terms.kl, clip_fraction=terms.clip_fraction,
                       ratio_mean=terms.ratio_mean, ratio_min=terms.ratio_min, ratio_max=terms.ratio_max,
@@ -443,6 +461,18 @@ class Trainer:
         metrics = {key: float(value.detach()) for key, value in values.items()}
         metrics["fork_block"] = float(group.fork)
         return metrics
+
+    def _backward_branches(self, rollout: GroupRollout, energy_grad: torch.Tensor, branches: range) -> None:
+        """Accumulate ``sum_{g in branches} energy_grad[g] . dE_g/dtheta`` into .grad: one graph of these branches'
+        replay (freed by its backward), or with ``replay.rematerialize`` one (block, step) forward at a time."""
+        replay = self.config.replay
+        if replay.rematerialize:
+            backward_through_replay(self.generator, rollout, energy_grad, grad_steps=replay.grad_steps,
+                                    step_weights=self.step_weights, energy_scale=replay.energy_scale,
+                                    energy_space=replay.energy_space, backend=replay.energy_backend,
+                                    branches=branches)
+        else:
+            torch.autograd.backward(self._replay(rollout, grad=True, branches=branches), energy_grad)
 
     def _apply_gradients(self, sums: Dict[str, float], bad_reward: bool = False) -> Dict:
         """Sum gradients and metric sums over ranks, then clip and step AdamW (+ masters, EMA) unless non-finite.

@@ -236,7 +236,8 @@ def plan_memory(config: TrainConfig) -> MemoryPlan:
     switches = (r.prompts_file or "").endswith(".txt")   # prompt segments come from text lines only
     frames = group_pool_blocks(s, r.num_branches, r.num_blocks - forks[0], replayed, switches)
     kv_pool = frames * tokens_per_frame * 2 * dim * layers * width
-    tokens = r.num_branches * f * tokens_per_frame
+    chunk = config.replay.branch_backward_chunk_size   # branches in one graph: the chunk, or all G
+    tokens = (chunk if 0 < chunk < r.num_branches else r.num_branches) * f * tokens_per_frame
     per_layer = tokens * (12 * dim + 2 * geometry.ffn_dim) * width
     one_forward = per_layer + tokens * dim * width * layers if m.gradient_checkpointing else per_layer * layers
     forwards = 1 if config.replay.rematerialize else replayed * config.replay.grad_steps

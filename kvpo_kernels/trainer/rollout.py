@@ -46,7 +46,9 @@ draws fresh commit noise in the replay; at its default, context_noise 0, we comm
 MemFlow: the replay records no new bank frame (released: ``update_bank=False``), so a replay whose window holds a
 record block reads another bank than its rollout did, as in the released code.
 With ``rematerialize``, :func:`backward_through_replay` trades one extra forward per gradient step for holding only
-one forward's activations.
+one forward's activations. Both replay functions take ``branches`` (a contiguous range of the G): a branch's replay
+reads only its own history, so the trainer can replay and back-propagate the group a chunk of branches at a time
+(``replay.branch_backward_chunk_size``).
 
 Rewards (released windows, :func:`group_rewards`). A :class:`~kvpo_kernels.trainer.rewards.RewardFn` is called with
 clean latents ``[G + 1, C, F', H, W]`` (anchor last) and ``prompt_ids [G + 1]``, the id of the segment's prompt
@@ -354,9 +356,22 @@ def _generate_group(gen, segments, switches, num_blocks, fork_block, perturbed_b
 ENERGY_SPACES = ("x0", "velocity")
 
 
-def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, energy_scale, energy_space):
-    """sigmas [K], per-step energy weights [K], one cache per replayed block, prompt embeds [G, L, D], and the
-    policy's own last-step x0 of each block ``[NB]`` of ``[G, C, f, H, W]`` (no graph).
+def branch_rows(rollout: GroupRollout, branches: Optional[range]) -> slice:
+    """The batch rows of ``branches`` (a contiguous ``range(start, stop)`` of the G branches; None: all of them)."""
+    G = rollout.num_branches
+    if branches is None:
+        return slice(0, G)
+    if not isinstance(branches, range) or branches.step != 1 or not 0 <= branches.start < branches.stop <= G:
+        raise ValueError(f"branches must be a non-empty range(start, stop) inside range({G}), got {branches!r}")
+    return slice(branches.start, branches.stop)
+
+
+def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, energy_scale, energy_space,
+                  rows: slice):
+    """sigmas [K], per-step energy weights [K], one cache per replayed block, prompt embeds [n, L, D], and the
+    policy's own last-step x0 of each block ``[NB]`` of ``[n, C, f, H, W]`` (no graph), for the n branches of
+    ``rows`` (:func:`branch_rows`). A branch's replay reads only its own history, so a subset of the branches
+    replays to the same values as in the whole group (up to the rounding of a different batch size).
 
     The replay context (module docstring): block i + 1 reads the policy's own x0 of block i, committed. Every commit
     happens here, before any graph-recording forward: a commit writes the shared K/V pool in place, which would
@@ -364,7 +379,7 @@ def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, ene
     block's last step (no graph) and commits it; cache i is a snapshot (``select``: shared blocks, no copy) of the
     branches' history right before block i.
     """
-    G, steps = rollout.num_branches, rollout.sigmas.numel()
+    n, steps = rows.stop - rows.start, rollout.sigmas.numel()
     device = next(gen.transformer.parameters()).device
     sigmas = rollout.sigmas.to(device)
     weights = torch.ones(steps, device=device) if step_weights is None else step_weights.to(device)
@@ -373,15 +388,15 @@ def _replay_setup(gen, rollout: GroupRollout, num_blocks: int, step_weights, ene
     weights = energy_scale * weights
     if energy_space == "velocity":  # at the same x_t the velocity residual is the x0 residual divided by sigma
         weights = weights / sigmas.square()
-    embeds = rollout.prompt_embeds[rollout.segment_at(rollout.prefix.shape[2])].expand(G, -1, -1)
-    cache, caches, last = rollout.prefix_cache.fork(G), [], []
+    embeds = rollout.prompt_embeds[rollout.segment_at(rollout.prefix.shape[2])].expand(n, -1, -1)
+    cache, caches, last = rollout.prefix_cache.fork(n), [], []
     with torch.no_grad():
         for i in range(num_blocks):
             block = rollout.fork_block + i
-            caches.append(cache.select(range(G)) if i + 1 < num_blocks else cache)
-            last.append(gen.predict_x0(cache, block, rollout.x_t[i, steps - 1, :G], sigmas[steps - 1], embeds))
+            caches.append(cache.select(range(n)) if i + 1 < num_blocks else cache)
+            last.append(gen.predict_x0(cache, block, rollout.x_t[i, steps - 1, rows], sigmas[steps - 1], embeds))
             if i + 1 < num_blocks:
-                noise = None if rollout.commit_noise is None else rollout.commit_noise[i].expand(G, -1, -1, -1, -1)
+                noise = None if rollout.commit_noise is None else rollout.commit_noise[i].expand(n, -1, -1, -1, -1)
                 # MemFlow: the released replay runs every forward with update_bank=False (trainer/kvpo.py
                 # l. 2043-2056): its bank records no new frame (a no-op without a bank).
                 gen.commit_block(cache, block, last[-1], embeds, commit_noise=noise, record_bank=False)
@@ -397,9 +412,10 @@ def _check_blocks(rollout: GroupRollout, num_blocks: Optional[int]) -> int:
 
 def replay_energies(gen, rollout: GroupRollout, *, num_blocks: Optional[int] = None, grad_steps: int,
                     step_weights: Optional[torch.Tensor] = None, energy_scale: float = 1.0,
-                    energy_space: str = "x0", backend: str = "auto") -> torch.Tensor:
-    """Trajectory energies ``E [G, NB, K]`` (x0 or velocity residual: ``energy_space``) of the G branches under the
-    generator's current weights.
+                    energy_space: str = "x0", backend: str = "auto",
+                    branches: Optional[range] = None) -> torch.Tensor:
+    """Trajectory energies ``E [n, NB, K]`` (x0 or velocity residual: ``energy_space``) of the n branches of
+    ``branches`` (a contiguous range; default all G) under the generator's current weights.
 
     Replays the first ``num_blocks`` chunk blocks (default: the policy window, ``rollout.window_blocks``) with
     routing off from the pre-fork snapshot, each block reading the policy's own earlier x0 (module docstring).
@@ -407,10 +423,10 @@ def replay_energies(gen, rollout: GroupRollout, *, num_blocks: Optional[int] = N
     computed without a graph (they still count in E, they just pass no gradient). step_weights ``[K]`` (default 1)
     and energy_scale multiply each step's energy (with ``energy_space="velocity"`` also 1 / sigma_k^2).
     """
-    G, steps = rollout.num_branches, rollout.sigmas.numel()
+    steps, rows = rollout.sigmas.numel(), branch_rows(rollout, branches)
     num_blocks = _check_blocks(rollout, num_blocks)
     sigmas, weights, caches, embeds, last = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale,
-                                                          energy_space)
+                                                          energy_space, rows)
     energies = []
     for i, cache in enumerate(caches):
         block = rollout.fork_block + i
@@ -421,34 +437,39 @@ def replay_energies(gen, rollout: GroupRollout, *, num_blocks: Optional[int] = N
                 preds.append(last[i])
                 continue
             with torch.set_grad_enabled(grad):
-                preds.append(gen.predict_x0(cache, block, rollout.x_t[i, k, :G], sigmas[k], embeds))
-        pred = torch.stack(preds, dim=1)                                  # [G, K, C, f, H, W]
-        target = rollout.x0_pred[i, :, :G].transpose(0, 1)                # [G, K, C, f, H, W]
+                preds.append(gen.predict_x0(cache, block, rollout.x_t[i, k, rows], sigmas[k], embeds))
+        pred = torch.stack(preds, dim=1)                                  # [n, K, C, f, H, W]
+        target = rollout.x0_pred[i, :, rows].transpose(0, 1)              # [n, K, C, f, H, W]
         energies.append(velocity_energy(pred, target, weights, reduction="mean", backend=backend))
-    return torch.stack(energies, dim=1)                                   # [G, NB, K]
+    return torch.stack(energies, dim=1)                                   # [n, NB, K]
 
 
 def backward_through_replay(gen, rollout: GroupRollout, energy_grad: torch.Tensor, *, grad_steps: int,
                             step_weights: Optional[torch.Tensor] = None, energy_scale: float = 1.0,
-                            energy_space: str = "x0", backend: str = "auto") -> None:
-    """Accumulate ``sum_{g,b,k} energy_grad[g, b, k] * dE[g, b, k]/dtheta`` into the parameters' ``.grad``.
+                            energy_space: str = "x0", backend: str = "auto",
+                            branches: Optional[range] = None) -> None:
+    """Accumulate ``sum_{g,b,k} energy_grad[g, b, k] * dE[g, b, k]/dtheta`` into the parameters' ``.grad``, g over
+    the n branches of ``branches`` (a contiguous range; default all G), ``energy_grad [n, NB, K]``.
 
-    The memory-lean second pass of a replay: with ``energy_grad [G, NB, K]`` = dLoss/dE from a no-grad
+    The memory-lean second pass of a replay: with ``energy_grad [n, NB, K]`` = dLoss/dE from a no-grad
     :func:`replay_energies` pass, it recomputes one (block, step) prediction at a time with a graph and back-propagates
     it at once, so only one forward's activations are alive (instead of NB x grad_steps of them). Costs one more
     forward per gradient step. Same gradient as back-propagating through a graph-recording replay (the context
     commits carry no gradient in either).
     """
-    G, num_blocks = rollout.num_branches, _check_blocks(rollout, energy_grad.shape[1])
+    rows, num_blocks = branch_rows(rollout, branches), _check_blocks(rollout, energy_grad.shape[1])
+    if energy_grad.shape[0] != rows.stop - rows.start:
+        raise ValueError(f"energy_grad: needs one row per replayed branch ({rows.stop - rows.start}), got "
+                         f"{tuple(energy_grad.shape)}")
     sigmas, weights, caches, embeds, _ = _replay_setup(gen, rollout, num_blocks, step_weights, energy_scale,
-                                                       energy_space)
+                                                       energy_space, rows)
     for i, cache in enumerate(caches):
         block = rollout.fork_block + i
         for k in range(grad_steps):
             with torch.enable_grad():
-                pred = gen.predict_x0(cache, block, rollout.x_t[i, k, :G], sigmas[k], embeds)
-                energy = velocity_energy(pred.unsqueeze(1), rollout.x0_pred[i, k, :G].unsqueeze(1),
-                                         weights[k:k + 1], reduction="mean", backend=backend)   # [G, 1]
+                pred = gen.predict_x0(cache, block, rollout.x_t[i, k, rows], sigmas[k], embeds)
+                energy = velocity_energy(pred.unsqueeze(1), rollout.x0_pred[i, k, rows].unsqueeze(1),
+                                         weights[k:k + 1], reduction="mean", backend=backend)   # [n, 1]
                 torch.autograd.backward(energy[:, 0], energy_grad[:, i, k].to(energy))
 
 
