@@ -480,27 +480,62 @@ def test_memflow_preset_is_longlive_plus_the_bank():
     assert memflow.num_routed() == 12 - 3 - 3
 
 
+def test_memflow_preset_takes_the_released_four_segment_prompts():
+    """configs/train_kvpo_memflow.yaml l. 36-44: 4 segments, switches 39, 75, 111 aligned to the 21 / 18 chunks,
+    global sink. The preset's geometry (on the tiny transformer's latent grid, one step) generates through the
+    last switch with them: each re-cache rewrites the 12 frames before the switch, never the sink."""
+    from kvpo_kernels.trainer.config import chunk_layout, load_config
+    from kvpo_kernels.trainer.rollout import align_switch_frames, parse_prompt_line
+
+    preset = load_config("memflow1.3b")
+    texts, switches = parse_prompt_line("a fox runs || 39 || it stops || 75 || it looks up || 111 || it sleeps")
+    chunks = chunk_layout(147, preset.rollout.streaming_chunk_size, preset.rollout.streaming_min_new_frame)
+    assert preset.rollout.align_switch_to_chunk and align_switch_frames(switches, chunks) == [39, 75, 111]
+    names = ("frames_per_block", "sink_frames", "window_frames", "nearest_frames", "cache_frames",
+             "memory_bank_frames", "bank_record_interval", "bank_rule")
+    config = StreamingConfig(timesteps=(1000,), **{n: getattr(preset.streaming, n) for n in names}, **LATENT)
+    gen = StreamingWanGenerator(_model(7), config, backend="torch")
+    cache, rewritten = gen.new_cache(1), []
+    real_rewrite = cache.rewrite_frames
+    cache.rewrite_frames = lambda frames: (rewritten.append(list(frames)), real_rewrite(frames))[1]
+    prompts = [torch.randn(1, 5, TINY["text_dim"]) for _ in texts]
+    noise = torch.randn(1, TINY["in_channels"], 114, LATENT["latent_height"], LATENT["latent_width"])
+    video = gen.generate(noise, prompts, switch_frames=[39, 75, 111], cache=cache)
+    assert torch.isfinite(video).all() and video.shape == noise.shape
+    # per switch: the 9 newest frames (the local window), then the 3 before them; the sink (0..2) never
+    assert rewritten == [frames for s in (39, 75, 111)
+                         for frames in (list(range(s - 9, s)), list(range(s - 12, s - 9)))]
+
+
 def test_trainer_steps_with_the_bank_and_never_grows_the_pool(tmp_path, monkeypatch):
-    """kvpo-train's rollout and replay run in MemFlow mode (tiny model); the pool is sized up front incl. the bank."""
+    """kvpo-train's rollout and replay run in MemFlow mode (tiny model), with one prompt and with prompt switches
+    (before the fork, at the fork, after it; the bank full from block 5 on); the pool is sized up front incl. the
+    bank and the re-caches; the trainer trains on a two-segment entry."""
     from _trainer_setup import FAST
     from kvpo_kernels.cache import _BlockPool
     from kvpo_kernels.trainer.config import load_config
     from kvpo_kernels.trainer.loop import Trainer
-    from kvpo_kernels.trainer.rollout import group_rollout, replay_energies
+    from kvpo_kernels.trainer.rollout import PromptEntry, group_rollout, replay_energies
 
     config = load_config("tiny", overrides=FAST + [f"run.output_dir={tmp_path}", "streaming.memory_bank_frames=2",
                                                    "streaming.bank_record_interval=2"])
-    trainer = Trainer(config)
+    trainer = Trainer(config, prompt_entries=[PromptEntry((0, 2), (6,)), PromptEntry((1,))])
     assert trainer.generator.config.memory_bank_frames == 2
+    assert trainer.prompt_entries[0].switch_frames == (7,)
     grows, real_grow = [], _BlockPool.grow
     monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
-    ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=6,
-                       perturbed_blocks=1, num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
-                       rng=torch.Generator().manual_seed(0))
-    assert ro.prefix_cache.bank_frames(0, 0) and len(ro.prefix_cache.bank_frames(0, 0)) == 2
-    energies = replay_energies(trainer.generator, ro, num_blocks=2, grad_steps=1)
-    assert len(grows) == 1, f"the pool grew after it was made: {grows}"
-    assert torch.isfinite(energies).all()
+    segments = [trainer.prompts[i:i + 1] for i in range(3)]
+    for switches in ([], [3, 7], [6]):
+        grows.clear()
+        prompt = segments[:len(switches) + 1] if switches else segments[0]
+        ro = group_rollout(trainer.generator, prompt, prompt_id=0, num_blocks=9, fork_block=6, perturbed_blocks=1,
+                           num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
+                           rng=torch.Generator().manual_seed(0), segment_ids=list(range(len(switches) + 1)),
+                           switch_frames=switches, chunks=trainer.chunks)
+        assert len(ro.prefix_cache.bank_frames(0, 0)) == 2
+        energies = replay_energies(trainer.generator, ro, grad_steps=1)
+        assert len(grows) == 1, f"switches {switches}: the pool grew after it was made: {grows}"
+        assert torch.isfinite(energies).all()
     records = trainer.train(steps=2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
