@@ -6,7 +6,10 @@ with the released token counters (G, L, the pending ``k_new``) rather than the l
 of block i is simulated from the keys of the earlier frames that this very forward computes (a frame's keys depend
 only on earlier frames), a slot's saliency is the full mean of the [text x frame] score matrix, and a frame that is
 both in the bank and in the sink / window gets weight 2 (an additive log 2 in the mask), as the released
-concatenation ``[sink | bank | local]`` repeats it. No kvpo code runs in the reference.
+concatenation ``[sink | bank | local]`` repeats it. With a prompt switch the sequence also holds the re-encoded
+copies of the frames the released re-cache rewrites (at their absolute RoPE positions, under the new prompt), and
+the transcribed counters run the re-cache's own bank steps with a zeroed cross-attention cache. No kvpo code runs
+in the reference.
 """
 import copy
 import math

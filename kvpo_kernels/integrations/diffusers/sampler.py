@@ -361,7 +361,8 @@ class StreamingWanGenerator:
         Multi-prompt (LongLive's interactive mode): ``prompt_embeds`` a list of S ``[B or 1, L, text_dim]``
         segments and ``switch_frames`` their S - 1 absolute start frames (increasing block starts inside this
         call); at each switch the window is re-encoded under the new segment (:meth:`recache`), then the blocks
-        from there on cross-attend to it. A single tensor is one segment.
+        from there on cross-attend to it. A single tensor is one segment. MemFlow: the block before each switch
+        commits with ``before_switch=True`` (the released bank step at a switch, ``memflow.py``).
         """
         if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
             raise ValueError(f"noise must be a [B, C, F, H, W] tensor, got "
