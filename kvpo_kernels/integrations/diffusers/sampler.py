@@ -253,8 +253,9 @@ class StreamingWanGenerator:
         (:meth:`GroupKVCache.rewrite_frames`): every sequence of the batch in one forward, no copy, and snapshots
         taken before (e.g. a pre-fork cache) keep the old K/V. Returns the re-encoded frames.
 
-        MemFlow (``config.memory_bank_frames``): the released re-cache instead (:meth:`_recache_with_bank`); the
-        block before the switch must be committed with ``before_switch=True``.
+        MemFlow (``config.memory_bank_frames``): the released re-cache instead (:meth:`_recache_with_bank`): the
+        last ``min(window_frames, s)`` frames, those after the sink unless they reach frame 0, read the bank too;
+        returns them. The block before the switch must be committed with ``before_switch=True``.
         """
         if not isinstance(cache, GroupKVCache):
             raise TypeError(f"cache must be a GroupKVCache (from new_cache), got {type(cache).__name__}")
@@ -284,7 +285,7 @@ class StreamingWanGenerator:
         """Prompt switches with MemFlow's bank: the released ones (``bank_rule="rollout"``), after a commit made
         with ``before_switch=True`` (or a bank that was not full)."""
         if self.config.bank_rule != "rollout":
-            raise ValueError(f"switch_frames: prompt switches with the memory bank follow the released rollouts "
+            raise ValueError(f"config.bank_rule: prompt switches with the memory bank follow the released rollouts "
                              f"(config.bank_rule 'rollout'); the released pipeline of bank_rule "
                              f"{self.config.bank_rule!r} (causal_inference.py) has none")
         if cache is not None and cache.bank_scored:
@@ -303,9 +304,10 @@ class StreamingWanGenerator:
                            prompt_embeds: torch.Tensor) -> None:
         """MemFlow's re-cache (``diversity_sampling.recache_after_switch``, rule in ``memflow.py``): the queries of
         ``frames`` (latents ``x [B, C, len(frames), H, W]``) read ``[sink | bank | the newest window - sink
-        re-encoded frames]``, as the released forward's ``k_cat`` (its local part is the last ``local budget``
-        frames it wrote), so the older frames, whose keys no query reads, go in a second forward (``attend_self``
-        False); the sink is in the first forward's own frames when re-encoded itself."""
+        re-encoded frames]``, the released forward's ``k_cat`` (its local part: the last ``window - sink`` frames
+        it wrote). So the newest go first, reading the sink and bank and themselves; the older ones, whose keys no
+        query reads, then read those without themselves (``attend_self=False``). From frame 0 (s <= window) the
+        sink is re-encoded too: one forward of all frames reading the bank and themselves."""
         c = self.config
         sigma = self._sigma(c.context_sigma, x.shape[0], x.device)
         start, local = frames[-1] + 1, c.window_frames - c.sink_frames
