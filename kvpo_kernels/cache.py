@@ -168,6 +168,7 @@ class GroupKVCache:
         # from the local window without a copy.
         self._banks: list[list[list[tuple[int, int]]]] = [[[] for _ in range(num_layers)] for _ in range(batch_size)]
         self.bank_last: Optional[tuple[int, int]] = None  # (frame, slot) of the latest bank_record()
+        self.bank_scored = False  # whether that bank_record() compressed a full bank with scores (not all 0)
         self.num_frames = 0  # frames written so far = the first frame of the next block
 
     # ----------------------------------------------------------------------------------------------- structure
@@ -471,30 +472,37 @@ class GroupKVCache:
 
         ``slot < capacity``: the frame replaces the slot's occupant, or opens the slot when it is the next one.
         ``slot >= capacity`` (bank full): each sequence and layer keeps the ``capacity - 1`` slots of highest
-        ``scores [num_layers, B, capacity]`` (its text saliency) and appends the frame. Dropped slots release
-        their block references once no layer names them; nothing is copied.
+        ``scores [num_layers, B, capacity]`` (its text saliency; None: every slot scores 0, the released compress
+        with a zeroed cross-attention cache) and appends the frame. As the released ``compress_kv_bank``, the kept
+        slots go in ``torch.topk``'s order (descending score), and ties go as torch's CPU topk orders them, which
+        this runs on whatever the scores' device (3 slots, all 0: slots 0 and 1 are kept). A frame already in the
+        bank keeps its block (the K/V as recorded, as the released ``k_new`` copy: a re-cache since does not
+        change it). Dropped slots release their block references once no layer names them; nothing is copied.
         """
         frame = _check_int("frame", frame, 0)
         slot, capacity = _check_int("slot", slot, 0), _check_int("capacity", capacity, 1)
         full = slot >= capacity
-        if full and (not isinstance(scores, torch.Tensor)
-                     or tuple(scores.shape) != (self.num_layers, self.batch_size, capacity)):
-            raise ValueError(f"scores must be a [num_layers, B, capacity] = "
+        if full and scores is not None and (not isinstance(scores, torch.Tensor)
+                                            or tuple(scores.shape) != (self.num_layers, self.batch_size, capacity)):
+            raise ValueError(f"scores must be None or a [num_layers, B, capacity] = "
                              f"{[self.num_layers, self.batch_size, capacity]} tensor when the bank is full")
         held = len(self._banks[0][0]) if self._banks else 0
         if (full and held != capacity) or (not full and slot > held):
             raise ValueError(f"slot {slot}: the bank holds {held} of {capacity} slots, so the next slot is "
                              f"{min(held, capacity)}")
+        if full:
+            values = (torch.zeros(self.num_layers, self.batch_size, capacity) if scores is None
+                      else scores.detach().float().cpu())
+            order = torch.topk(values, capacity - 1, dim=-1).indices.tolist()  # [num_layers][B][capacity - 1]
         for b, (frame_map, banks) in enumerate(zip(self._maps, self._banks)):
-            block = frame_map.get(frame, dict(banks[0]).get(frame))
+            block = dict(banks[0]).get(frame, frame_map.get(frame))
             if block is None:
                 raise ValueError(f"frame {frame} of sequence {b} is neither resident nor in the bank (resident: "
                                  f"{sorted(frame_map)}, bank: {[f for f, _ in banks[0]]})")
             before = self._bank_set(b)
             for layer, slots in enumerate(banks):
                 if full:
-                    keep = set(torch.topk(scores[layer, b].float(), capacity - 1).indices.tolist())
-                    slots[:] = [entry for index, entry in enumerate(slots) if index in keep] + [(frame, block)]
+                    slots[:] = [slots[index] for index in order[layer][b]] + [(frame, block)]
                 else:
                     slots[slot:slot + 1] = [(frame, block)]
             after = self._bank_set(b)
@@ -503,6 +511,7 @@ class GroupKVCache:
             for old in before - after:
                 self._pool.decref(old)
         self.bank_last = (frame, slot)
+        self.bank_scored = full and scores is not None
 
     def bank_block_tables(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
                           device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -524,6 +533,28 @@ class GroupKVCache:
         for layer in range(self.num_layers):
             rows = [row[:head] + [block for _, block in banks[layer]] + row[head:]
                     for row, head, banks in zip(history, heads, self._banks)]
+            width = max(1, max(len(row) for row in rows))
+            tables.append((torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32,
+                                        device=target),
+                           torch.tensor([len(row) for row in rows], dtype=torch.int32, device=target)))
+        return tables
+
+    def bank_frames_tables(self, frames: Sequence[int], *, device: torch.device | str | None = None
+                           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer: the given resident ``frames``
+        with the layer's bank after those of them in the sink, ``[sink | bank | rest]`` (what a MemFlow re-cache
+        at a prompt switch reads, the released ``k_cat`` of its forward)."""
+        frames = sorted(int(f) for f in frames)
+        table, _ = self.frames_table(frames, device="cpu")
+        sink = sum(1 for f in frames if f < self.sink_frames)
+        target = self.device if device is None else torch.device(device)
+        if target.type == "meta":
+            target = torch.device("cpu")
+        tables = []
+        for layer in range(self.num_layers):
+            rows = [table[b, :len(frames)].tolist() for b in range(self.batch_size)]
+            rows = [row[:sink] + [block for _, block in banks[layer]] + row[sink:]
+                    for row, banks in zip(rows, self._banks)]
             width = max(1, max(len(row) for row in rows))
             tables.append((torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32,
                                         device=target),

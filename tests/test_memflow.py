@@ -8,8 +8,10 @@ only on earlier frames), a slot's saliency is the full mean of the [text x frame
 both in the bank and in the sink / window gets weight 2 (an additive log 2 in the mask), as the released
 concatenation ``[sink | bank | local]`` repeats it. A routed block reads the sink, its route frames and its nearest
 frames, or with ``route_layout="memflow"`` no separate sink: the frames that the released cache holds in the
-route's slots, from a transcription of the released slot arithmetic (``_released_perturbed_reads``). No kvpo code
-runs in the reference.
+route's slots, from a transcription of the released slot arithmetic (``_released_perturbed_reads``). With a prompt
+switch the sequence also holds the re-encoded copies of the frames the released re-cache rewrites (at their
+absolute RoPE positions, under the new prompt), and the transcribed counters run the re-cache's own bank steps
+with a zeroed cross-attention cache. No kvpo code runs in the reference.
 """
 import copy
 import math
@@ -26,6 +28,7 @@ from kvpo_kernels.cache import GroupKVCache  # noqa: E402
 from kvpo_kernels.integrations.diffusers import StreamingConfig, StreamingWanGenerator  # noqa: E402
 from kvpo_kernels.routing import chr_routes  # noqa: E402
 from test_diffusers_adapter import LATENT, TINY, _model  # noqa: E402
+from test_prompt_segments import _PerFrameCrossAttention  # noqa: E402
 
 TOKENS = LATENT["latent_height"] // 2 * (LATENT["latent_width"] // 2)
 
@@ -45,28 +48,42 @@ def _rotate(x, cos, sin):
     return out
 
 
-def _released_banks(config, num_blocks, saliency, frozen_from=None):
-    """Bank read by each block (lists of frames), one per sequence: the released counters, in frame units.
+def _released_banks(config, num_blocks, saliency, frozen_from=None, switch_block=None):
+    """Bank read by each block (lists of frames), one per sequence: the released counters, in frame units, and the
+    bank read by the re-cache at ``switch_block`` (None without a switch).
 
-    ``saliency(b, frames) -> [len(frames)]`` scores. Per block i: the q_bank write / compress of the first step,
-    then the read ``bank[:min(local_end_bank - [i % ri == 0], S)]``, then the update of the forwards that run with
-    update_bank (every block for "inference", record blocks for "rollout")."""
+    ``saliency(frames, segment) -> [len(frames)]`` scores against prompt segment ``segment`` (0 before the switch,
+    1 from it on); None: the cross-attention cache is zeroed (every score 0). Per block i: the q_bank write /
+    compress of the first step, then the read ``bank[:min(local_end_bank - [i % ri == 0], S)]``, then the update
+    of the forwards that run with update_bank (every block for "inference", record blocks for "rollout"). At the
+    switch (``recache_after_switch``): the re-cache forward's q_bank step with the zeroed cache, its read
+    ``bank[:min(local_end_bank, S)]`` (is_recache), no update; then block i's first step, still zeroed."""
     f, size, ri = config.frames_per_block, config.memory_bank_frames, config.bank_record_interval
-    slots, g, l, pending, reads = [], 0, 0, None, []
-    for i in range(num_blocks):
+    state = dict(slots=[], g=0, l=0, pending=None)
+    reads, recache_read = [], None
+
+    def step(segment):  # _apply_cache_updates_before
+        slots, l = state["slots"], state["l"]
         if l >= 1:
             if l <= size:
-                slots = slots[:l - 1] + [pending] + slots[l:]
+                state["slots"] = slots[:l - 1] + [state["pending"]] + slots[l:]
             else:
-                keep = torch.topk(saliency(slots), size - 1).indices.tolist()
-                slots = [slots[k] for k in keep] + [pending]
+                scores = torch.zeros(len(slots)) if segment is None else saliency(slots, segment)
+                keep = torch.topk(scores, size - 1).indices.tolist()
+                state["slots"] = [slots[k] for k in keep] + [state["pending"]]
+
+    for i in range(num_blocks):
         end_bank = ((i + 1) - 1) // ri + 1
-        local_end_bank = l + end_bank - g
-        reads.append(list(slots[:min(local_end_bank - (i % ri == 0), size)]))
+        if i == switch_block:
+            step(None)
+            recache_read = list(state["slots"][:min(state["l"] + end_bank - state["g"], size)])
+        step(None if i == switch_block else int(switch_block is not None and i > switch_block))
+        local_end_bank = state["l"] + end_bank - state["g"]
+        reads.append(list(state["slots"][:min(local_end_bank - (i % ri == 0), size)]))
         recording = frozen_from is None or i < frozen_from  # the replay: update_bank=False from the fork on
         if recording and (config.bank_rule == "inference" or i % ri == 0):
-            pending, g, l = i * f, end_bank, local_end_bank
-    return reads
+            state.update(pending=i * f, g=end_bank, l=local_end_bank)
+    return reads, recache_read
 
 
 def _frame_counts(config, num_frames, banks, routes_by_block):
@@ -88,31 +105,74 @@ def _frame_counts(config, num_frames, banks, routes_by_block):
     return counts
 
 
-class _ReferenceSelfAttention:
-    """One layer: its bank simulated from this forward's own keys and text keys, then masked attention."""
+def _recache_written(config, switch):
+    """Frames the released re-cache at frame ``switch`` writes (``recache_after_switch``: the last
+    ``min(local_attn_size, s)`` frames; the write protects the sink unless the forward starts at frame 0)."""
+    first = switch - min(config.window_frames, switch)
+    return list(range(first if first == 0 else max(config.sink_frames, first), switch))
 
-    def __init__(self, config, cross_attn, text, routes_by_block, frozen_from):
+
+def _switch_counts(config, num_frames, switch, banks, recache_read, routes_by_block):
+    """float64 [E, E] over the entries ``[frames 0..F-1 | re-encoded copies of the written frames]``: how many
+    times a query entry reads a key entry. A frame before the switch reads the committed (old prompt) frames; a
+    copy reads what the released re-cache forward's ``k_cat`` holds, ``[old sink | bank | the newest window - sink
+    copies]`` (all copies when the re-cache starts at frame 0); a frame after the switch reads the copies where
+    they exist (a routed block: sink, route and nearest frames). Bank slots always name the committed frames (the
+    released bank holds copies of the keys)."""
+    f, sink, local = config.frames_per_block, config.sink_frames, config.window_frames - config.sink_frames
+    written = _recache_written(config, switch)
+    entries = [(j, 0) for j in range(num_frames)] + [(j, 1) for j in written]
+    index = {entry: n for n, entry in enumerate(entries)}
+    counts = torch.zeros(len(entries), len(entries), dtype=torch.float64)
+    for n, (i, version) in enumerate(entries):
+        if version:
+            keys = [(j, 1) for j in written] if written[0] == 0 else \
+                [(j, 0) for j in range(sink)] + [(j, 1) for j in written if j >= switch - local]
+            keys += [(j, 0) for j in recache_read]
+        else:
+            start, route = i // f * f, routes_by_block.get(i // f)
+            reach = local if route is None else config.nearest_frames
+            window = [j for j in range(start) if j < sink or start - (reach - f) <= j] + list(route or [])
+            keys = [(j, 0) for j in range(start, start + f)] + [(j, 0) for j in banks[i // f]]
+            keys += [(j, int(i >= switch and j in written)) for j in window]
+        for key in keys:
+            counts[n, index[key]] += 1
+    return counts
+
+
+class _ReferenceSelfAttention:
+    """One layer: its bank simulated from this forward's own keys and text keys, then masked attention.
+
+    With a ``switch`` frame the sequence is ``[frames 0..F-1 | re-encoded copies]`` (:func:`_switch_counts`) and
+    the context holds the two prompt segments (``lengths`` tokens each)."""
+
+    def __init__(self, config, cross_attn, text, routes_by_block, frozen_from, switch=None, lengths=None):
         self.config, self.cross, self.text, self.routes = config, cross_attn, text, routes_by_block
-        self.frozen_from = frozen_from
+        self.frozen_from, self.switch, self.lengths = frozen_from, switch, lengths
         self.inner = WanAttnProcessor()
         self.banks = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         keys = _rotate(attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1)), *rotary_emb)
         text_q = self.cross.norm_k(self.cross.to_k(self.text[0])).unflatten(2, (attn.heads, -1))
-        num_frames = hidden_states.shape[1] // TOKENS
-        frame_keys = keys.unflatten(1, (num_frames, TOKENS))  # [B, F, T, H, D]
+        text_qs = [text_q] if self.switch is None else text_q.split(self.lengths, dim=1)
+        frame_keys = keys.unflatten(1, (-1, TOKENS))  # [B, entries, T, H, D]; entry j < F is frame j
+        num_frames = frame_keys.shape[1] - (0 if self.switch is None else
+                                            len(_recache_written(self.config, self.switch)))
+        f = self.config.frames_per_block
         masks, self.banks = [], []
         for b in range(hidden_states.shape[0]):
-            def saliency(frames, b=b):
+            def saliency(frames, segment, b=b):
                 # the released compress_kv_bank: scores [H, L_text, n T] averaged over text, heads and tokens
                 k = frame_keys[b, frames].flatten(0, 1)  # [n T, H, D]
-                scores = torch.einsum("lhd,shd->hls", text_q[b], k) / math.sqrt(k.shape[-1])
+                scores = torch.einsum("lhd,shd->hls", text_qs[segment][b], k) / math.sqrt(k.shape[-1])
                 return scores.mean(1).mean(0).view(len(frames), TOKENS).mean(1)
-            banks = _released_banks(self.config, num_frames // self.config.frames_per_block, saliency,
-                                    self.frozen_from)
+            switch_block = None if self.switch is None else self.switch // f
+            banks, recache_read = _released_banks(self.config, num_frames // f, saliency, self.frozen_from,
+                                                  switch_block)
             self.banks.append(banks)
-            counts = _frame_counts(self.config, num_frames, banks, self.routes)
+            counts = _frame_counts(self.config, num_frames, banks, self.routes) if self.switch is None else \
+                _switch_counts(self.config, num_frames, self.switch, banks, recache_read, self.routes)
             masks.append(counts.log().repeat_interleave(TOKENS, 0).repeat_interleave(TOKENS, 1))
         mask = torch.stack(masks)[:, None].to(hidden_states.dtype)
         return self.inner(attn, hidden_states, None, mask, rotary_emb)
@@ -136,6 +196,53 @@ def _reference_x0(model, config, history, x_t, sigma, prompt, routes_by_block=No
         timestep = timesteps.repeat_interleave(TOKENS, 1).to(torch.float64 if dtype == torch.float64 else
                                                              torch.float32)
         v = reference(video.to(dtype), timestep, prompt.to(dtype), return_dict=False)[0][:, :, start:]
+        out.append(x_t.to(dtype) - sigma.to(dtype).view(-1, 1, 1, 1, 1) * v)
+        banks = banks or [p.banks for p in processors]
+    return out, banks
+
+
+class _PositionedRope(torch.nn.Module):
+    """diffusers' RoPE of a video whose frames sit at the given absolute positions (re-encoded copies repeat one)."""
+
+    def __init__(self, rope, positions):
+        super().__init__()
+        self.rope, self.positions = rope, positions
+
+    def forward(self, hidden_states):
+        b, c, _, h, w = hidden_states.shape
+        length = max(self.positions) + 1
+        cos, sin = self.rope(hidden_states.new_empty(b, c, length, h, w))
+        tokens = cos.shape[1] // length
+        index = (torch.tensor(self.positions)[:, None] * tokens + torch.arange(tokens)).reshape(-1)
+        return cos[:, index], sin[:, index]
+
+
+def _reference_switch_x0(model, config, history, x_t, sigma, prompts, switch, routes_by_block=None):
+    """Like :func:`_reference_x0` for a block after a prompt switch at frame ``switch`` (prompts: the two
+    segments): one forward of ``[history | x_t | re-encoded copies of the re-cache's frames]``, each frame
+    cross-attending to its own segment (a copy: the new one), the copies at timestep 0 (context_noise)."""
+    start = history.shape[2]
+    written = _recache_written(config, switch)
+    video = torch.cat([history, x_t, history[:, :, written]], dim=2)
+    timesteps = torch.zeros(video.shape[0], video.shape[2])
+    timesteps[:, start:start + x_t.shape[2]] = (1000 * sigma).view(-1, 1)
+    frame_prompt = [int(j >= switch) for j in range(start + x_t.shape[2])] + [1] * len(written)
+    positions = list(range(start + x_t.shape[2])) + written
+    lengths = [p.shape[1] for p in prompts]
+    out, banks = [], None
+    for dtype in (torch.float64, torch.float32):
+        reference = copy.deepcopy(model).to(dtype)
+        reference.rope = _PositionedRope(reference.rope, positions)
+        text = [None]
+        reference.condition_embedder.register_forward_hook(lambda module, args, output: text.__setitem__(0, output[2]))
+        processors = [_ReferenceSelfAttention(config, block.attn2, text, routes_by_block or {}, None, switch, lengths)
+                      for block in reference.blocks]
+        for block, processor in zip(reference.blocks, processors):
+            block.attn1.set_processor(processor)
+            block.attn2.set_processor(_PerFrameCrossAttention(frame_prompt, lengths))
+        timestep = timesteps.repeat_interleave(TOKENS, 1).to(dtype)
+        context = torch.cat(prompts, dim=1).to(dtype)
+        v = reference(video.to(dtype), timestep, context, return_dict=False)[0][:, :, start:start + x_t.shape[2]]
         out.append(x_t.to(dtype) - sigma.to(dtype).view(-1, 1, 1, 1, 1) * v)
         banks = banks or [p.banks for p in processors]
     return out, banks
@@ -181,6 +288,91 @@ def test_streaming_memflow_equals_masked_full_forward(rule, bank, interval, bloc
     assert all(len(frames) == bank for frames in final)
     recorded = [r * 3 for r in range(0, blocks, 1 if rule == "inference" else interval)]
     assert any(frames != recorded[:bank] for frames in final)
+
+
+@pytest.mark.parametrize("switch_block,blocks", [(3, 6), (6, 10)])
+def test_streaming_memflow_switch_equals_masked_full_forward(switch_block, blocks):
+    """A prompt switch (re-cache) before the bank is full (frame 9: the re-cache starts at frame 0 and rewrites the
+    sink) and once it is full and evicting (frame 18: frames 6..17, in two forwards): x0 and the banks (in slot
+    order) equal the transcription, block by block from the switch through a compress after it; a routed block
+    right after the switch reads re-encoded frames that no unrouted block reads (6..8 at the second switch)."""
+    config = _config("rollout", 2, 2)
+    model = _model(12)
+    gen = StreamingWanGenerator(model, config, backend="torch")
+    clean, _ = _inputs(config, 2, blocks, seed=6)
+    prompts = [torch.randn(2, 5, TINY["text_dim"]), torch.randn(2, 7, TINY["text_dim"])]
+    switch = switch_block * 3
+    cache = gen.new_cache(2)
+    for index in range(blocks):
+        segment = int(index >= switch_block)
+        if index == switch_block:
+            assert gen.recache(cache, clean[:, :, :switch], prompts[1]) == _recache_written(config, switch)
+        if index >= switch_block:
+            x_t = torch.randn_like(_block(clean, config, index))
+            sigma = torch.rand(2) * 0.9 + 0.05
+            got = gen.predict_x0(cache, index, x_t, sigma, prompts[1])
+            (truth, baseline), banks = _reference_switch_x0(model, config, clean[:, :, :index * 3], x_t, sigma,
+                                                            prompts, switch)
+            assert_close_to_truth(f"x0 of block {index} (switch at block {switch_block})", got, truth, baseline)
+            for layer in range(TINY["num_layers"]):
+                for b in range(2):
+                    assert cache.bank_frames(b, layer) == banks[layer][b][index], (index, layer, b)
+        if index == switch_block:
+            route = [4, 6, 7, 8, 10, 12] if switch > 12 else [3, 4, 6, 7]
+            got = gen.predict_x0(cache, index, x_t, sigma, prompts[1], routes=[route, route])
+            (truth, baseline), _ = _reference_switch_x0(model, config, clean[:, :, :index * 3], x_t, sigma, prompts,
+                                                        switch, {index: route})
+            assert_close_to_truth(f"routed x0 of block {index} (switch at block {switch_block})", got, truth,
+                                  baseline)
+        gen.commit_block(cache, index, _block(clean, config, index), prompts[segment],
+                         before_switch=index + 1 == switch_block)
+    assert all(len(cache.bank_frames(b, layer)) == 2 for b in range(2) for layer in range(TINY["num_layers"]))
+
+
+@pytest.mark.parametrize("size,kept", [(3, [0, 1]), (4, [2, 3, 0])])
+def test_switch_bank_step_keeps_the_released_tied_slots(size, kept):
+    """Before a switch the released compress scores every slot 0 (zeroed cross-attention cache) and keeps the slots
+    ``torch.topk`` returns for the tie, in its order (on the CPU: the lowest two of 3; [2, 3, 0] of 4), then the
+    new frame; the re-cache's own step (same zeros) then changes nothing. A scored step before the switch is
+    refused."""
+    config = _config("rollout", size, 1)
+    assert torch.topk(torch.zeros(size), size - 1).indices.tolist() == kept  # the released call, on the CPU
+    gen = StreamingWanGenerator(_model(5), config, backend="torch")
+    clean, prompt = _inputs(config, 2, size + 3, seed=3)
+    cache = gen.new_cache(2)
+    for index in range(size + 1):  # records frames 0, 3, ..., then a scored compress at block `size`
+        gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    before = [[cache.bank_frames(b, layer) for layer in range(TINY["num_layers"])] for b in range(2)]
+    with pytest.raises(ValueError, match="before_switch"):
+        gen.recache(cache, clean[:, :, :(size + 1) * 3], prompt)
+    frame = (size + 1) * 3
+    gen.commit_block(cache, size + 1, _block(clean, config, size + 1), prompt, before_switch=True)
+    for b in range(2):
+        for layer in range(TINY["num_layers"]):
+            assert cache.bank_frames(b, layer) == [before[b][layer][k] for k in kept] + [frame]
+    after = [[cache.bank_frames(b, layer) for layer in range(TINY["num_layers"])] for b in range(2)]
+    gen.recache(cache, clean[:, :, :frame + 3], torch.randn(1, 6, TINY["text_dim"]))
+    assert [[cache.bank_frames(b, layer) for layer in range(TINY["num_layers"])] for b in range(2)] == after
+
+
+def test_generate_with_a_switch_is_the_manual_loop_with_the_bank():
+    config = _config("rollout", 2, 2)
+    gen = StreamingWanGenerator(_model(6), config, backend="torch")
+    prompts = [torch.randn(1, 5, TINY["text_dim"]), torch.randn(1, 4, TINY["text_dim"])]
+    noise = torch.randn(1, TINY["in_channels"], 24, LATENT["latent_height"], LATENT["latent_width"])
+    torch.manual_seed(5)
+    video = gen.generate(noise, prompts, switch_frames=[18])
+    torch.manual_seed(5)
+    cache, out = gen.new_cache(1), []
+    for i in range(8):
+        if i == 6:
+            gen.recache(cache, torch.cat(out, dim=2), prompts[1])
+        out.append(gen.generate_block(cache, i, noise[:, :, 3 * i:3 * i + 3], prompts[i // 6],
+                                      before_switch=i == 5).x0)
+    assert torch.equal(video, torch.cat(out, dim=2))
+    inference = StreamingWanGenerator(_model(6), _config("inference", 2, 2), backend="torch")
+    with pytest.raises(ValueError, match="bank_rule"):
+        inference.generate(noise, prompts, switch_frames=[18])
 
 
 def test_replay_commits_record_no_bank_frame():
@@ -477,11 +669,6 @@ def test_memflow_off_by_default_and_bad_config():
                 dict(bank_rule="fifo")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             StreamingConfig(**bad)
-    config = _config()
-    gen = StreamingWanGenerator(_model(0), config, backend="torch")
-    clean, prompt = _inputs(config, 1, 2, seed=0)
-    with pytest.raises(ValueError, match="switch_frames"):
-        gen.generate(clean, [prompt, prompt], switch_frames=[3])
 
 
 def test_memflow_preset_is_longlive_plus_the_bank():
@@ -498,31 +685,66 @@ def test_memflow_preset_is_longlive_plus_the_bank():
     assert memflow.num_routed() == 12 - 3 == 9 and longlive.num_routed() == 12 - 3 - 4  # released n_random
 
 
+def test_memflow_preset_takes_the_released_four_segment_prompts():
+    """configs/train_kvpo_memflow.yaml l. 36-44: 4 segments, switches 39, 75, 111 aligned to the 21 / 18 chunks,
+    global sink. The preset's geometry (on the tiny transformer's latent grid, one step) generates through the
+    last switch with them: each re-cache rewrites the 12 frames before the switch, never the sink."""
+    from kvpo_kernels.trainer.config import chunk_layout, load_config
+    from kvpo_kernels.trainer.rollout import align_switch_frames, parse_prompt_line
+
+    preset = load_config("memflow1.3b")
+    texts, switches = parse_prompt_line("a fox runs || 39 || it stops || 75 || it looks up || 111 || it sleeps")
+    chunks = chunk_layout(147, preset.rollout.streaming_chunk_size, preset.rollout.streaming_min_new_frame)
+    assert preset.rollout.align_switch_to_chunk and align_switch_frames(switches, chunks) == [39, 75, 111]
+    names = ("frames_per_block", "sink_frames", "window_frames", "nearest_frames", "cache_frames",
+             "memory_bank_frames", "bank_record_interval", "bank_rule")
+    config = StreamingConfig(timesteps=(1000,), **{n: getattr(preset.streaming, n) for n in names}, **LATENT)
+    gen = StreamingWanGenerator(_model(7), config, backend="torch")
+    cache, rewritten = gen.new_cache(1), []
+    real_rewrite = cache.rewrite_frames
+    cache.rewrite_frames = lambda frames: (rewritten.append(list(frames)), real_rewrite(frames))[1]
+    prompts = [torch.randn(1, 5, TINY["text_dim"]) for _ in texts]
+    noise = torch.randn(1, TINY["in_channels"], 114, LATENT["latent_height"], LATENT["latent_width"])
+    video = gen.generate(noise, prompts, switch_frames=[39, 75, 111], cache=cache)
+    assert torch.isfinite(video).all() and video.shape == noise.shape
+    # per switch: the 9 newest frames (the local window), then the 3 before them; the sink (0..2) never
+    assert rewritten == [frames for s in (39, 75, 111)
+                         for frames in (list(range(s - 9, s)), list(range(s - 12, s - 9)))]
+
+
 def test_trainer_steps_with_the_bank_and_never_grows_the_pool(tmp_path, monkeypatch):
-    """kvpo-train's rollout and replay run in MemFlow mode with the released route layout (tiny model: routes of
-    cache slots, num_routed = window - nearest); the pool is sized up front incl. the bank and never grows."""
+    """kvpo-train's rollout and replay run in MemFlow mode (tiny model) with the released route layout (routes of
+    cache slots, num_routed = window - nearest), with one prompt and with prompt switches (before the fork, at the
+    fork, after it; the bank full from block 5 on); the pool is sized up front incl. the bank and the re-caches;
+    the trainer trains on a two-segment entry."""
     from _trainer_setup import FAST
     from kvpo_kernels.cache import _BlockPool
     from kvpo_kernels.trainer.config import load_config
     from kvpo_kernels.trainer.loop import Trainer
-    from kvpo_kernels.trainer.rollout import group_rollout, replay_energies
+    from kvpo_kernels.trainer.rollout import PromptEntry, group_rollout, replay_energies
 
     config = load_config("tiny", overrides=FAST + [f"run.output_dir={tmp_path}", "streaming.memory_bank_frames=2",
                                                    "streaming.bank_record_interval=2", "streaming.route_layout=memflow",
                                                    "rollout.num_routed=2"])
-    trainer = Trainer(config)
+    trainer = Trainer(config, prompt_entries=[PromptEntry((0, 2), (6,)), PromptEntry((1,))])
     assert trainer.generator.config.memory_bank_frames == 2 and trainer.generator.config.route_layout == "memflow"
     assert trainer.generator.num_routed == 5 - 2  # tiny: window 5, nearest 2 (the trainer routes 2: pool 3 at fork 5)
+    assert trainer.prompt_entries[0].switch_frames == (7,)
     grows, real_grow = [], _BlockPool.grow
     monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
-    ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=8, fork_block=6,
-                       perturbed_blocks=1, num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
-                       rng=torch.Generator().manual_seed(0))
-    assert ro.prefix_cache.bank_frames(0, 0) and len(ro.prefix_cache.bank_frames(0, 0)) == 2
-    assert all(set(route) <= set(range(6 - 2)) for route in ro.routes)  # slots of the pool [0, min(6, 8) - 2)
-    energies = replay_energies(trainer.generator, ro, num_blocks=2, grad_steps=1)
-    assert len(grows) == 1, f"the pool grew after it was made: {grows}"
-    assert torch.isfinite(energies).all()
+    segments = [trainer.prompts[i:i + 1] for i in range(3)]
+    for switches in ([], [3, 7], [6]):
+        grows.clear()
+        prompt = segments[:len(switches) + 1] if switches else segments[0]
+        ro = group_rollout(trainer.generator, prompt, prompt_id=0, num_blocks=9, fork_block=6, perturbed_blocks=1,
+                           num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
+                           rng=torch.Generator().manual_seed(0), segment_ids=list(range(len(switches) + 1)),
+                           switch_frames=switches, chunks=trainer.chunks)
+        assert len(ro.prefix_cache.bank_frames(0, 0)) == 2
+        assert all(set(route) <= set(range(6 - 2)) for route in ro.routes)  # slots of the pool [0, min(6, 8) - 2)
+        energies = replay_energies(trainer.generator, ro, grad_steps=1)
+        assert len(grows) == 1, f"switches {switches}: the pool grew after it was made: {grows}"
+        assert torch.isfinite(energies).all()
     records = trainer.train(steps=2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 

@@ -254,13 +254,15 @@ def group_pool_blocks(cfg, num_branches: int, chunk_blocks: int, window_blocks: 
     which eviction keeps at most ``cache_frames - sink_frames`` (evicted blocks return to the free list and are
     reused). Peak of a replay (the rollout's branches are released by then): the snapshot plus the G branches'
     committed blocks, all held by the per-block snapshots of the replay. A prompt switch re-encodes the window into
-    fresh blocks before it frees the old ones: room for that once per sequence. MemFlow's bank keeps up to
+    fresh blocks before it frees the old ones (MemFlow: up to ``window_frames`` frames, LongLive ``window - sink``):
+    room for that once per sequence. MemFlow's bank keeps up to
     ``memory_bank_frames`` evicted frames per sequence (the prefix's bank, then each sequence's own).
     """
     f, sequences = cfg.frames_per_block, num_branches + 1
     rollout = sequences * min(cfg.cache_frames - cfg.sink_frames, f * chunk_blocks)
     replay = num_branches * f * window_blocks
-    recache = sequences * (cfg.window_frames - cfg.sink_frames) if switches else 0
+    recached = cfg.window_frames if cfg.memory_bank_frames else cfg.window_frames - cfg.sink_frames
+    recache = sequences * recached if switches else 0
     bank = (sequences + 1) * cfg.memory_bank_frames
     return cfg.cache_frames + max(rollout, replay) + recache + bank
 
@@ -323,7 +325,8 @@ def _generate_group(gen, segments, switches, num_blocks, fork_block, perturbed_b
         embeds = segments[bisect.bisect_right(switches, block * f)].expand(batch, -1, -1)
         noise = to_device(noises[block], batch)
         return gen.generate_block(cache, block, noise[0], embeds, step_noise=noise[1:steps], routes=routes,
-                                  commit_noise=noise[steps] if noised_commit else None)
+                                  commit_noise=noise[steps] if noised_commit else None,
+                                  before_switch=(block + 1) * f in switches)
 
     cache = gen.new_cache(1, reserve_blocks=group_pool_blocks(cfg, num_branches, num_blocks - fork_block,
                                                               window, bool(switches)))

@@ -19,7 +19,8 @@ slots ``k, v`` and counters G, L (tokens), plus a pending frame ``k_new``:
   ``compress_kv_bank`` keeps the S - 1 slots of highest text saliency and appends ``k_new``. Saliency of a slot:
   the mean over the prompt's tokens t (the layer's cross-attention keys ``norm_k(k(text))``, all 512 padded
   tokens), the heads and the slot's T tokens s of ``q_t . k_s / sqrt(D)``, per sequence and per layer (so layers
-  keep different frames).
+  keep different frames). The kept slots go in ``torch.topk``'s order (l. 1233, 1251: descending score, then
+  ``k_new``), which decides the ties of a prompt switch (below).
 - Block i attends to ``[sink | bank[:n] | local]`` (``k_cat``, l. 522), ``n = min(local_end_bank - T *
   [i % ri == 0], S T)``: that is every slot written so far (block 0: none). A bank frame that is also in the sink
   or the window is attended twice (the concatenation repeats it).
@@ -42,7 +43,45 @@ each block's first step: no new frame is recorded, and the bank step repeats wit
 Equivalent frame-level form used here: after committing block j, the recorded block is r = j ("inference") or
 ``r = j - j % ri`` ("rollout"); its first frame r f goes to slot ``r // ri``, or (slot >= S) replaces the least
 salient slot. Doing this at the end of block j's commit instead of at block j + 1's first step is the same: nothing
-reads the bank in between, and a snapshot taken in between is re-updated identically by every branch.
+reads the bank in between, and a snapshot taken in between is re-updated identically by every branch. The frame
+enters with its block as committed; a later step that repeats it keeps that block (``k_new`` is a copy), even
+when a prompt switch has re-encoded the frame's window entry since.
+
+Prompt switches (``StreamingWanGenerator.recache``; only the "rollout" rule: ``causal_inference.py`` has none).
+Released: ``pipeline/diversity_sampling.py`` ``recache_after_switch`` (l. 193-256; the trainer calls it at a
+segment change, ``trainer/kvpo.py`` l. 1115, 1225, 1344; ``interactive_causal_inference.py`` l. 34-100 does the
+same):
+
+- It zeroes the cross-attention cache (``is_init`` False, l. 207-209), runs ONE forward of the last ``n =
+  min(local_attn_size, s)`` committed frames at ``context_noise`` from frame ``s - n`` with ``update_bank=False,
+  update_cache=True, q_bank=True, is_recache=True`` (l. 216-250), and zeroes the cross-attention cache again
+  (l. 253-255).
+- Bank step: ``_forward_inference`` runs ``_apply_cache_updates_before`` (``causal_model.py`` l. 1372-1373) before
+  any layer, so with the zeroed text keys: a full bank's ``compress_kv_bank`` scores every slot 0 (l. 1218) and
+  keeps the slots ``torch.topk`` returns for the tie (l. 1233), then appends ``k_new``; a bank not full writes
+  ``k_new`` to slot L - 1 (l. 1154-1156), the same write as without a switch. The next block's first step
+  (``streaming_training.py`` l. 182-183, q_bank) runs before its layers re-initialise the cross-attention cache
+  (``wan/modules/model.py`` l. 174-180), so it repeats the same all-0 step, which changes nothing (the tie keeps
+  the same slots and the last already holds ``k_new``). So the bank step between the commit before a switch and
+  the next block is ONE step with every score 0, not the prompt-scored step of a block without a switch: here
+  ``commit_block(..., before_switch=True)`` (``generate`` and the trainer's rollouts pass it) makes the commit's
+  step that one, and the re-cache refuses a bank whose last step was scored. Tie order: the release does not fix
+  it (``torch.topk`` on ties is unspecified); ours runs ``torch.topk`` on the CPU, whatever the scores' device
+  (torch 2.13: of 3 zeros slots 0, 1, the released S = 3; of 2 slot 0; of 4 slots 2, 3, 0).
+- The re-cache forward's bank read: ``is_recache`` makes ``is_update_bank`` False (l. 493-496, 510-513), so it
+  reads ``bank[:min(local_end_bank, S)]`` (l. 500, 517) with ``local_end_bank = L + current_end_bank - G`` = L
+  (its ``current_end`` is the switch frame, whose ``current_end_bank`` the last record set): every slot.
+  ``update_bank=False`` leaves G, L and ``k_new`` (l. 1102, 1124, 1133).
+- Its attention (``k_cat``, l. 522) is ``[sink | bank | local]`` with ``local`` the last ``local_budget =
+  (local_attn_size - sink) T`` tokens (l. 482, 506-508) of the cache after this forward's own write, for every
+  query, with no causal mask. The write (l. 404, 450) protects the sink when ``current_start > 0`` (l. 367,
+  ``is_recompute``; the counters then stay, l. 1130): for s > window the frames ``[max(sink, s - window), s)``
+  get new K/V; the newest ``window - sink`` of them are the ``local`` keys; the older ones (queries only, whose
+  keys no query of this forward reads) run here in a second forward that reads ``[sink | bank | newest]`` and not
+  itself (``attend_self=False``). For s <= window the forward starts at frame 0 and rewrites all of ``[0, s)``,
+  the sink included, each frame reading the bank and all of them.
+- ``switch_causal_inference.py``'s re-cache (l. 35-96) passes no ``kv_bank``: MemFlow's model cannot run it
+  (``kv_bank[block_index]``, ``causal_model.py`` l. 1385, 1409); not a MemFlow path.
 
 KVPO's routed blocks: the released MemFlow reads, in a perturbed block, ``[bank | 9 older cache slots | m = 3
 nearest frames]`` with no separate sink (``_build_perturbed_local_window``, l. 190-228, used at l. 483-504; the
@@ -54,8 +93,11 @@ block by :meth:`GroupKVCache.route_frames`. The default ``"sink"`` reads ``[sink
 
 What is not reproduced (checked against the released code, not implemented here):
 
-- Prompt switches (the released re-cache runs ``q_bank`` with a zeroed cross-attention cache) and ``SMA`` (top-k
-  routed bank attention, off in ``configs/train_kvpo_memflow.yaml``) raise / are absent.
+- ``SMA`` (top-k routed bank attention, off in ``configs/train_kvpo_memflow.yaml``) is absent.
+- The released trainer skips the re-cache when a switch falls on the perturbed chunk's start (its prefix loop stops
+  before that chunk, ``trainer/kvpo.py`` l. 1107-1122, and the branches start in the new segment, l. 1214-1232;
+  the in-chunk prefix before the fork is generated with the old segment's prompt, l. 1163-1168); ours re-caches
+  at every switch (``trainer/rollout.py``), for LongLive and MemFlow alike.
 """
 from __future__ import annotations
 

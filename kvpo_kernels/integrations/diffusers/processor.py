@@ -24,6 +24,8 @@ class _BlockContext:
     backend: str                      # routed_attention backend
     layer_tables: Optional[list] = None  # MemFlow: one (block_table, block_counts) per layer (its own bank),
     #                                      used instead of block_table / block_counts
+    attend_self: bool = True          # False: the queries read only the table (the block's own K/V are still
+    #                                   written): MemFlow's re-cache of the frames outside the local window
 
 
 class _StreamingState:
@@ -91,7 +93,8 @@ class RoutedWanAttnProcessor:
             else context.layer_tables[self.layer_index]
         # The cache builds the tables from resident blocks only, so the per-call host check of block ids (a
         # device sync in each of the model's layers) is skipped.
-        out = routed_attention(query, k_cache, v_cache, table, counts, key, value, backend=context.backend,
+        own_key, own_value = (key, value) if context.attend_self else (None, None)
+        out = routed_attention(query, k_cache, v_cache, table, counts, own_key, own_value, backend=context.backend,
                                check_block_ids=False)
         out = out.flatten(2, 3).to(out_dtype)
         out = attn.to_out[0](out)

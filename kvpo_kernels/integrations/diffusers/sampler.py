@@ -135,9 +135,10 @@ class StreamingWanGenerator:
         return sigma.reshape(-1).expand(batch)
 
     def _forward(self, cache: GroupKVCache, start: int, x: torch.Tensor, sigma: torch.Tensor,
-                 prompt_embeds: torch.Tensor, tables, write_ids) -> torch.Tensor:
+                 prompt_embeds: torch.Tensor, tables, write_ids, attend_self: bool = True) -> torch.Tensor:
         """Velocity ``v [B, C, f, H, W]`` of one block, attending to the cache (and writing it with write_ids).
-        ``tables``: one ``(block_table, block_counts)`` for every layer, or a list of one per layer (MemFlow)."""
+        ``tables``: one ``(block_table, block_counts)`` for every layer, or a list of one per layer (MemFlow);
+        ``attend_self=False``: the queries read the tables only, not the block's own K/V."""
         table, counts = (None, None) if isinstance(tables, list) else tables
         _, ph, pw = self.transformer.config.patch_size
         rotary = _block_rotary(self.transformer.rope, start, x.shape[2], x.shape[3] // ph, x.shape[4] // pw)
@@ -147,7 +148,7 @@ class StreamingWanGenerator:
             raise RuntimeError("the transformer's self-attention processors were replaced after this generator "
                                "installed its own (set_attn_processor?): build a new StreamingWanGenerator")
         context = _BlockContext(cache, table, counts, rotary, write_ids, self.backend,
-                                layer_tables=tables if isinstance(tables, list) else None)
+                                layer_tables=tables if isinstance(tables, list) else None, attend_self=attend_self)
         patched = transformer.gradient_checkpointing and torch.is_grad_enabled()
         if patched:
             # A checkpointed block recomputes during backward, after this call returned: bind its context there
@@ -175,17 +176,20 @@ class StreamingWanGenerator:
             return cache.bank_block_tables(start, routes, device=device)
         return cache.block_table(start, routes, device=device)
 
-    def _record_bank(self, cache: GroupKVCache, block_index: int, prompt_embeds: torch.Tensor,
+    def _record_bank(self, cache: GroupKVCache, block_index: int, prompt_embeds: Optional[torch.Tensor],
                      record: bool) -> None:
         """MemFlow's bank update after committing block ``block_index`` (what the released code does at the next
         block's first step): the recorded frame goes to its slot, or, past the last slot, replaces the least
         text-salient one (the rule: ``memflow.py``). ``record=False``: the bank step repeats with the frame
-        recorded last, as the released replay's forwards (``update_bank=False``, ``q_bank`` at each block) do."""
+        recorded last, as the released replay's forwards (``update_bank=False``, ``q_bank`` at each block) do.
+        ``prompt_embeds=None``: every slot scores 0 (the step after a prompt switch, which zeroed the
+        cross-attention cache that the released scores read)."""
         if not record and cache.bank_last is None:
             return
         frame, slot = bank_record_slot(self.config, block_index) if record else cache.bank_last
         full = slot >= self.config.memory_bank_frames
-        scores = bank_saliency(self.transformer, cache, prompt_embeds) if full else None
+        scores = bank_saliency(self.transformer, cache, prompt_embeds) if full and prompt_embeds is not None \
+            else None
         cache.bank_record(frame, slot, self.config.memory_bank_frames, scores)
 
     # ---------------------------------------------------------------------------------------------- public API
@@ -219,11 +223,13 @@ class StreamingWanGenerator:
     @torch.no_grad()
     def commit_block(self, cache: GroupKVCache, block_index: int, x0: torch.Tensor, prompt_embeds, *,
                      routes: Optional[Sequence] = None, commit_noise: Optional[torch.Tensor] = None,
-                     record_bank: bool = True) -> None:
+                     record_bank: bool = True, before_switch: bool = False) -> None:
         """One forward of the clean block ``x0 [B, C, f, H, W]`` at timestep ``config.context_noise`` that writes
         its K/V into the cache (the block must be the cache's next one), then evicts the frames no later block can
         read. With ``context_noise > 0`` the input is ``(1 - c) x0 + c commit_noise`` (fresh ``randn`` when None).
-        MemFlow: then the bank update; ``record_bank=False`` records no new frame (the released KVPO replay)."""
+        MemFlow: then the bank update; ``record_bank=False`` records no new frame (the released KVPO replay);
+        ``before_switch``: a prompt switch's :meth:`recache` comes next, so a full bank's step scores every slot 0
+        (released: the step runs after the switch zeroed the cross-attention cache; see ``memflow.py``)."""
         start = self._start(block_index)
         prompt_embeds = self._check_block(cache, "x0", x0, prompt_embeds)
         if cache.num_frames != start:
@@ -237,7 +243,7 @@ class StreamingWanGenerator:
             self._forward(cache, start, x_in, self._sigma(self.config.context_sigma, x0.shape[0], x0.device),
                           prompt_embeds, tables, write_ids)
             if self.config.memory_bank_frames:
-                self._record_bank(cache, block_index, prompt_embeds, record_bank)
+                self._record_bank(cache, block_index, None if before_switch else prompt_embeds, record_bank)
         finally:
             cache.evict()
 
@@ -253,14 +259,18 @@ class StreamingWanGenerator:
         (per sequence: a group's branches each re-encode their own video). The new K/V go to fresh blocks
         (:meth:`GroupKVCache.rewrite_frames`): every sequence of the batch in one forward, no copy, and snapshots
         taken before (e.g. a pre-fork cache) keep the old K/V. Returns the re-encoded frames.
+
+        MemFlow (``config.memory_bank_frames``): the released re-cache instead (:meth:`_recache_with_bank`): the
+        last ``min(window_frames, s)`` frames, those after the sink unless they reach frame 0, read the bank too;
+        returns them. The block before the switch must be committed with ``before_switch=True``.
         """
         if not isinstance(cache, GroupKVCache):
             raise TypeError(f"cache must be a GroupKVCache (from new_cache), got {type(cache).__name__}")
-        if self.config.memory_bank_frames:
-            raise ValueError("config.memory_bank_frames: prompt switches (KV re-cache) are not supported with "
-                             "MemFlow's memory bank")
+        bank = bool(self.config.memory_bank_frames)
+        if bank:
+            self._check_bank_switch(cache)
         start = cache.num_frames
-        frames = self.config.recache_frames(start)
+        frames = self._bank_recache_frames(start) if bank else self.config.recache_frames(start)
         if not frames:
             return frames
         if not isinstance(history, torch.Tensor) or history.dim() != 5 or history.shape[2] < len(frames):
@@ -269,20 +279,65 @@ class StreamingWanGenerator:
                              f"{list(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__}")
         x = history[:, :, history.shape[2] - len(frames):]
         prompt_embeds = self._check_block(cache, "history", x, prompt_embeds, frames=len(frames))
+        if bank:
+            self._recache_with_bank(cache, frames, x, prompt_embeds)
+            return frames
         tables = cache.frames_table(range(min(self.config.sink_frames, start)), device=x.device)
         write_ids = cache.rewrite_frames(frames)
         self._forward(cache, frames[0], x, self._sigma(self.config.context_sigma, x.shape[0], x.device),
                       prompt_embeds, tables, write_ids)
         return frames
 
+    def _check_bank_switch(self, cache: Optional[GroupKVCache] = None) -> None:
+        """Prompt switches with MemFlow's bank: the released ones (``bank_rule="rollout"``), after a commit made
+        with ``before_switch=True`` (or a bank that was not full)."""
+        if self.config.bank_rule != "rollout":
+            raise ValueError(f"config.bank_rule: prompt switches with the memory bank follow the released rollouts "
+                             f"(config.bank_rule 'rollout'); the released pipeline of bank_rule "
+                             f"{self.config.bank_rule!r} (causal_inference.py) has none")
+        if cache is not None and cache.bank_scored:
+            raise ValueError("cache: the memory bank's last step scored its slots against the old prompt; commit "
+                             "the block before a prompt switch with before_switch=True (released: that step runs "
+                             "after the switch zeroed the cross-attention cache, so every slot scores 0)")
+
+    def _bank_recache_frames(self, start: int) -> list[int]:
+        """Frames MemFlow's re-cache rewrites before ``start``: of the released ``min(local_attn_size, s)`` last
+        frames (``window_frames``), all when they reach back to frame 0 (the released forward then starts at 0
+        and writes the sink too), else those after the sink (its write protects the sink)."""
+        first = start - min(self.config.window_frames, start)
+        return list(range(first if first == 0 else max(self.config.sink_frames, first), start))
+
+    def _recache_with_bank(self, cache: GroupKVCache, frames: list[int], x: torch.Tensor,
+                           prompt_embeds: torch.Tensor) -> None:
+        """MemFlow's re-cache (``diversity_sampling.recache_after_switch``, rule in ``memflow.py``): the queries of
+        ``frames`` (latents ``x [B, C, len(frames), H, W]``) read ``[sink | bank | the newest window - sink
+        re-encoded frames]``, the released forward's ``k_cat`` (its local part: the last ``window - sink`` frames
+        it wrote). So the newest go first, reading the sink and bank and themselves; the older ones, whose keys no
+        query reads, then read those without themselves (``attend_self=False``). From frame 0 (s <= window) the
+        sink is re-encoded too: one forward of all frames reading the bank and themselves."""
+        c = self.config
+        sigma = self._sigma(c.context_sigma, x.shape[0], x.device)
+        start, local = frames[-1] + 1, c.window_frames - c.sink_frames
+        near = frames if frames[0] == 0 else [f for f in frames if f >= start - local]
+        older = frames[:len(frames) - len(near)]
+        sink = [] if frames[0] == 0 else list(range(min(c.sink_frames, start)))
+        tables = cache.bank_frames_tables(sink, device=x.device)
+        self._forward(cache, near[0], x[:, :, len(older):], sigma, prompt_embeds, tables,
+                      cache.rewrite_frames(near))
+        if older:
+            tables = cache.bank_frames_tables(sink + near, device=x.device)
+            self._forward(cache, older[0], x[:, :, :len(older)], sigma, prompt_embeds, tables,
+                          cache.rewrite_frames(older), attend_self=False)
+
     @torch.no_grad()
     def generate_block(self, cache: GroupKVCache, block_index: int, noise: torch.Tensor, prompt_embeds, *,
                        step_noise: Optional[Sequence[torch.Tensor]] = None, routes: Optional[Sequence] = None,
-                       commit: bool = True, commit_noise: Optional[torch.Tensor] = None) -> BlockRollout:
+                       commit: bool = True, commit_noise: Optional[torch.Tensor] = None,
+                       before_switch: bool = False) -> BlockRollout:
         """The few-step sampler for one block: ``x_t0 = noise``; per step ``k``: ``x0_k = predict_x0(x_tk,
         sigma_k)``, ``x_t(k+1) = (1 - s_(k+1)) x0_k + s_(k+1) step_noise[k]`` (``K - 1`` tensors like noise;
         fresh ``randn`` when None); commits the final clean block when ``commit`` (see :meth:`commit_block` for
-        commit_noise). Runs without grad."""
+        commit_noise and before_switch). Runs without grad."""
         steps = len(self.sigmas)
         if step_noise is not None:
             step_noise = list(step_noise)
@@ -302,7 +357,8 @@ class StreamingWanGenerator:
                 eps = torch.randn_like(noise) if step_noise is None else step_noise[k].to(noise)
                 x_t = ((1 - sigmas[k + 1]) * x0.float() + sigmas[k + 1] * eps.float()).to(noise.dtype)
         if commit:
-            self.commit_block(cache, block_index, preds[-1], prompt_embeds, routes=routes, commit_noise=commit_noise)
+            self.commit_block(cache, block_index, preds[-1], prompt_embeds, routes=routes, commit_noise=commit_noise,
+                              before_switch=before_switch)
         return BlockRollout(preds[-1], torch.stack(inputs), torch.stack(preds), self.sigmas.clone())
 
     @torch.no_grad()
@@ -314,7 +370,8 @@ class StreamingWanGenerator:
         Multi-prompt (LongLive's interactive mode): ``prompt_embeds`` a list of S ``[B or 1, L, text_dim]``
         segments and ``switch_frames`` their S - 1 absolute start frames (increasing block starts inside this
         call); at each switch the window is re-encoded under the new segment (:meth:`recache`), then the blocks
-        from there on cross-attend to it. A single tensor is one segment.
+        from there on cross-attend to it. A single tensor is one segment. MemFlow: the block before each switch
+        commits with ``before_switch=True`` (the released bank step at a switch, ``memflow.py``).
         """
         if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
             raise ValueError(f"noise must be a [B, C, F, H, W] tensor, got "
@@ -334,8 +391,7 @@ class StreamingWanGenerator:
             raise ValueError(f"switch_frames: {len(segments)} prompt segments need {len(segments) - 1} switch "
                              f"frames, got {switches}")
         if switches and self.config.memory_bank_frames:
-            raise ValueError("switch_frames: prompt switches are not supported with MemFlow's memory bank "
-                             "(config.memory_bank_frames)")
+            self._check_bank_switch()
         end = cache.num_frames + noise.shape[2]
         if any(s % f or not cache.num_frames < s < end for s in switches) or switches != sorted(set(switches)):
             raise ValueError(f"switch_frames must be increasing block starts (multiples of {f}) inside the "
@@ -349,5 +405,6 @@ class StreamingWanGenerator:
             if (first + i) * f in switches:
                 segment += 1
                 self.recache(cache, torch.cat(out, dim=2), segments[segment])
-            out.append(self.generate_block(cache, first + i, noise[:, :, i * f:(i + 1) * f], segments[segment]).x0)
+            out.append(self.generate_block(cache, first + i, noise[:, :, i * f:(i + 1) * f], segments[segment],
+                                           before_switch=(first + i + 1) * f in switches).x0)
         return torch.cat(out, dim=2)
