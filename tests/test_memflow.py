@@ -45,7 +45,7 @@ def _released_banks(config, num_blocks, saliency, frozen_from=None):
     """Bank read by each block (lists of frames), one per sequence: the released counters, in frame units.
 
     ``saliency(b, frames) -> [len(frames)]`` scores. Per block i: the q_bank write / compress of the first step,
-    then the read ``bank[:min(local_end_bank - [i % ri == 0], S)]``, then the update of the forwards that run with
+    then the read ``bank[:min(local_end_bank - [i % ri == 0], S)]``, then the update of the commit when it runs with
     update_bank (every block for "inference", record blocks for "rollout")."""
     f, size, ri = config.frames_per_block, config.memory_bank_frames, config.bank_record_interval
     slots, g, l, pending, reads = [], 0, 0, None, []
