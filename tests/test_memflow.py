@@ -55,7 +55,7 @@ def _released_banks(config, num_blocks, saliency, frozen_from=None, switch_block
     ``saliency(frames, segment) -> [len(frames)]`` scores against prompt segment ``segment`` (0 before the switch,
     1 from it on); None: the cross-attention cache is zeroed (every score 0). Per block i: the q_bank write /
     compress of the first step, then the read ``bank[:min(local_end_bank - [i % ri == 0], S)]``, then the update
-    of the forwards that run with update_bank (every block for "inference", record blocks for "rollout"). At the
+    of the commit when it runs with update_bank (every block for "inference", record blocks for "rollout"). At the
     switch (``recache_after_switch``): the re-cache forward's q_bank step with the zeroed cache, its read
     ``bank[:min(local_end_bank, S)]`` (is_recache), no update; then block i's first step, still zeroed."""
     f, size, ri = config.frames_per_block, config.memory_bank_frames, config.bank_record_interval

@@ -11,9 +11,10 @@ The released rule (``wan/modules/causal_model.py``: ``CausalWanSelfAttention.for
 slots ``k, v`` and counters G, L (tokens), plus a pending frame ``k_new``:
 
 - Every forward of block i computes ``current_end_bank = ((i + 1) - 1) // ri + 1`` frames (its ``current_end //
-  (3 T)`` is i + 1; the ``3`` is f hard-coded) and ``local_end_bank = L + current_end_bank - G``. After a forward
-  run with ``update_bank``, ``k_new`` becomes the **first frame** of the block (``new_k[:, :1560]``: the keys as
-  cached, RoPE'd at the frame's absolute position; the bank never re-rotates them), and G, L take those values.
+  (3 T)`` is i + 1; the ``3`` is f hard-coded) and ``local_end_bank = L + current_end_bank - G``. After a commit
+  forward (``update_cache``: ``_apply_cache_updates`` runs only then, l. 1424) run with ``update_bank``, ``k_new``
+  becomes the **first frame** of the block (``new_k[:, :1560]``: the keys as cached, RoPE'd at the frame's
+  absolute position; the bank never re-rotates them), and G, L take those values.
 - At the first denoising step of block i (``q_bank=True``, before any layer runs): when L >= 1 frame, ``k_new``
   goes to slot L - 1 if L <= S (overwriting that slot, or opening it); otherwise the bank is full and
   ``compress_kv_bank`` keeps the S - 1 slots of highest text saliency and appends ``k_new``. Saliency of a slot:
@@ -25,16 +26,17 @@ slots ``k, v`` and counters G, L (tokens), plus a pending frame ``k_new``:
   [i % ri == 0], S T)``: that is every slot written so far (block 0: none). A bank frame that is also in the sink
   or the window is attended twice (the concatenation repeats it).
 
-Which forwards run with ``update_bank`` differs between the two released pipelines (``bank_rule``):
+Which commits run with ``update_bank`` differs between the two released pipelines (``bank_rule``):
 
 - ``"rollout"`` (``pipeline/streaming_training.py`` l. 160-167 and 286-297, the one KVPO's rollouts run through
   ``diversity_sampling.generate_chunk_sampling``): only the commit of a record block (``start_frame % (3 ri) ==
   0``). So the bank records the first frame of blocks 0, ri, 2 ri, ... into slots 0, 1, 2, ...; once full (block
   ``S ri + 1`` on), **every** block compresses with the latest record frame again, so that frame can fill several
   slots (the bank may end up holding it S times until the next record).
-- ``"inference"`` (``pipeline/causal_inference.py`` l. 161-226): every forward, the commit last. The last slot
-  takes the first frame of every block and advances every ri blocks: with S = ri = 3 the bank is [6, 15, 24] at
-  block 9 (the first frame of the block before each record block), then each block evicts one slot.
+- ``"inference"`` (``pipeline/causal_inference.py`` l. 161-226): every commit (its denoising forwards pass
+  ``update_bank=True`` too but write nothing). The last slot takes the first frame of every block and advances
+  every ri blocks: with S = ri = 3 the bank is [6, 15, 24] at block 9 (the first frame of the block before each
+  record block), then each block evicts one slot.
 
 KVPO's replay (``trainer/kvpo.py`` l. 2043-2056) runs every forward with ``update_bank=False`` but ``q_bank`` at
 each block's first step: no new frame is recorded, and the bank step repeats with the snapshot's pending frame
