@@ -430,6 +430,45 @@ def test_bank_slots_are_copies_and_evicted_frames_free_their_blocks():
     assert not any(cache._pool.refcount)
 
 
+def test_bank_record_copies_each_layers_kept_frames_and_rejects_bad_steps():
+    """Cache level, 2 layers, 2 sequences, S = 2: the full bank's step keeps per layer and sequence the slot its
+    scores rank first (layer 0: slot 1, layer 1: slot 0), then the pending frame; each layer's plane of the slot
+    blocks holds that layer's frames' K/V bitwise, whichever frames the other layer keeps. Bad steps raise before
+    any change."""
+    cache = GroupKVCache(2, 2, 1, 4, batch_size=2, nearest_frames=3)
+    written = {}  # (frame, layer) -> (k, v) [B, tokens, 1, 4] of the frame
+    for block in range(3):
+        ids = cache.append_frames()
+        for layer in range(2):
+            k, v = torch.randn(2, 3 * 2, 1, 4), torch.randn(2, 3 * 2, 1, 4)
+            cache.write(layer, ids, k, v)
+            for offset in range(3):
+                written[3 * block + offset, layer] = (k[:, 2 * offset:2 * offset + 2], v[:, 2 * offset:2 * offset + 2])
+        if block < 2:
+            cache.bank_record(3 * block, block, 2)
+    with pytest.raises(ValueError, match="scores"):
+        cache.bank_record(6, 2, 2, torch.zeros(2, 2, 3))
+    with pytest.raises(ValueError, match="frame 30 is neither resident"):
+        cache.bank_record(30, 2, 2)
+    assert cache.bank_last == (3, 1) and [cache.bank_frames(b, layer) for b in range(2) for layer in range(2)] == \
+        [[0, 3]] * 4
+    scores = torch.tensor([[0.0, 1.0], [1.0, 0.0]])[:, None].expand(2, 2, 2)  # [layers, B, slots]
+    cache.bank_record(6, 2, 2, scores)
+    assert [cache.bank_frames(b, layer) for b in range(2) for layer in range(2)] == [[3, 6], [0, 6]] * 2
+    assert len(cache._bank_set(0) | cache._bank_set(1)) == 2 * (2 + 1)
+    for layer in range(2):
+        k_pool, v_pool = cache.layer(layer)
+        for b in range(2):
+            for slot, frame in enumerate(cache.bank_frames(b, layer)):
+                block = cache.bank_blocks(layer)[b][slot]
+                assert torch.equal(k_pool[block], written[frame, layer][0][b]), (layer, b, slot)
+                assert torch.equal(v_pool[block], written[frame, layer][1][b]), (layer, b, slot)
+    fresh = GroupKVCache(1, 2, 1, 4, nearest_frames=3)
+    fresh.append_frames()
+    with pytest.raises(ValueError, match="slot 1: the bank holds 0 of 2 slots"):
+        fresh.bank_record(0, 1, 2)
+
+
 @pytest.mark.parametrize("rule,fork_block,written", [("inference", 3, [1]), ("rollout", 5, [0, 1])])
 def test_fork_shares_the_bank_and_a_branch_copies_on_its_first_bank_step(rule, fork_block, written):
     """A fork allocates nothing (slot and pending blocks shared by refcount); a branch's first bank step after it
