@@ -10,6 +10,13 @@ Sharing. Blocks carry reference counts (one per sequence that maps them, over ev
 after the fork go to fresh private blocks of the sequence that wrote them. The parent stays valid and unchanged, so
 it doubles as a snapshot: restoring is just keeping it. A block returns to the free list when its count drops to 0.
 
+Memory bank (MemFlow, :meth:`GroupKVCache.bank_record`). Each sequence owns ``S`` bank *slot blocks* and one
+*pending* block (the released per-layer ``kv_bank`` and ``k_new``: copies of K/V, not references to frames), pool
+blocks like any other: refcounted, shared after a fork, copied on write before a sequence changes a shared one.
+Layer ``l``'s plane of slot block ``j`` holds the frame that layer ``l`` keeps in slot ``j`` (layers keep different
+frames), so a sequence holds ``S + 1`` bank blocks whatever its layers keep, and evicting a frame from the window
+frees its block even when a slot holds that frame.
+
 Windows (the streaming generators' geometry, LongLive numbers in brackets). A block of ``frames_per_block`` [3]
 frames starting at frame ``s`` sees, besides its own frames (passed to the kernel as ``k_new``/``v_new``):
 
@@ -92,6 +99,16 @@ class _BlockPool:
         # Lowest ids first: pop() takes from the end.
         self.free.extend(range(old + extra - 1, old - 1, -1))
 
+    def copy_blocks(self, layer: int, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Layer ``layer``'s K/V of block ``dst[i]`` := that of block ``src[i]`` (exact copies). The sources are
+        gathered first, so ``dst`` may overwrite blocks that ``src`` reads (a bank compress within its slots)."""
+        if not dst or self.device.type == "meta":
+            return
+        src_ids = torch.tensor(list(src), dtype=torch.long, device=self.device)
+        dst_ids = torch.tensor(list(dst), dtype=torch.long, device=self.device)
+        for store in (self.k, self.v):
+            store[layer].index_copy_(0, dst_ids, store[layer].index_select(0, src_ids))
+
     def allocate(self, count: int) -> list[int]:
         if count > len(self.free):
             self.grow(max(count - len(self.free), self.num_blocks))
@@ -162,11 +179,12 @@ class GroupKVCache:
             device = torch.device("cuda", torch.cuda.current_device())
         self._pool = _BlockPool(num_layers, frame_tokens, num_heads, head_dim, dtype, device, reserve_blocks)
         self._maps: list[dict[int, int]] = [{} for _ in range(batch_size)]
-        # MemFlow's memory bank (empty unless bank_record() is used): per sequence, per layer, the (frame, block)
-        # pairs of its slots. A sequence holds one reference to each distinct block its bank names (in any layer),
-        # so a bank frame outlives its eviction from the window, and a bank-only block is private to its sequence.
-        # from the local window without a copy.
-        self._banks: list[list[list[tuple[int, int]]]] = [[[] for _ in range(num_layers)] for _ in range(batch_size)]
+        # MemFlow's memory bank (empty unless bank_record() is used), per sequence: its slot blocks (the same ids in
+        # every layer), its pending block (None before the first record) and, per layer, the frame each slot holds.
+        # A sequence holds one reference to each of these blocks (module docstring).
+        self._bank_slots: list[list[int]] = [[] for _ in range(batch_size)]
+        self._bank_pending: list[Optional[int]] = [None] * batch_size
+        self._bank_frames: list[list[list[int]]] = [[[] for _ in range(num_layers)] for _ in range(batch_size)]
         self.bank_last: Optional[tuple[int, int]] = None  # (frame, slot) of the latest bank_record()
         self.bank_scored = False  # whether that bank_record() compressed a full bank with scores (not all 0)
         self.num_frames = 0  # frames written so far = the first frame of the next block
@@ -176,17 +194,21 @@ class GroupKVCache:
         """A new cache whose sequence j maps (shares) this cache's sequence ``indices[j]``: frames and bank."""
         child = object.__new__(GroupKVCache)
         child.__dict__.update({key: value for key, value in self.__dict__.items()
-                               if key not in ("_maps", "_banks", "_appended")})
+                               if key not in ("_maps", "_bank_slots", "_bank_pending", "_bank_frames",
+                                              "_appended")})
         child._maps = [dict(self._maps[i]) for i in indices]
-        child._banks = [[list(slots) for slots in self._banks[i]] for i in indices]
+        child._bank_slots = [list(self._bank_slots[i]) for i in indices]
+        child._bank_pending = [self._bank_pending[i] for i in indices]
+        child._bank_frames = [[list(frames) for frames in self._bank_frames[i]] for i in indices]
         for sequence, frame_map in enumerate(child._maps):
             for block in list(frame_map.values()) + list(child._bank_set(sequence)):
                 self._pool.incref(block)
         return child
 
     def _bank_set(self, sequence: int) -> set[int]:
-        """The distinct blocks named by a sequence's bank in any layer (each holds one reference)."""
-        return {block for slots in self._banks[sequence] for _, block in slots}
+        """A sequence's bank blocks: its slot blocks and its pending block (one reference each)."""
+        pending = self._bank_pending[sequence]
+        return set(self._bank_slots[sequence]) | (set() if pending is None else {pending})
 
     def __repr__(self) -> str:
         mem = self.memory_bytes()
@@ -256,11 +278,13 @@ class GroupKVCache:
             for block in frame_map.values():
                 self._pool.decref(block)
             frame_map.clear()
-        for sequence in range(len(getattr(self, "_banks", ()))):
+        for sequence in range(len(getattr(self, "_bank_slots", ()))):
             for block in self._bank_set(sequence):
                 self._pool.decref(block)
-            for slots in self._banks[sequence]:
-                slots.clear()
+            self._bank_slots[sequence].clear()
+            self._bank_pending[sequence] = None
+            for frames in self._bank_frames[sequence]:
+                frames.clear()
 
     def __del__(self):
         try:
@@ -460,24 +484,31 @@ class GroupKVCache:
     def bank_frames(self, sequence: int = 0, layer: int = 0) -> list[int]:
         """Frames in the memory bank of one sequence and layer, in slot order (MemFlow; empty otherwise)."""
         self._check_layer(layer)
-        return [frame for frame, _ in self._banks[sequence][layer]]
+        return list(self._bank_frames[sequence][layer])
 
     def bank_blocks(self, layer: int) -> list[list[int]]:
-        """Block ids of every sequence's bank slots in layer ``layer``: ``[B][slots]`` (same count per sequence)."""
+        """Block ids of every sequence's bank slots: ``[B][slots]`` (same count per sequence). The ids are the same
+        in every layer; ``layer``'s plane of each holds the frame :meth:`bank_frames` reports for that layer."""
         self._check_layer(layer)
-        return [[block for _, block in banks[layer]] for banks in self._banks]
+        return [list(slots) for slots in self._bank_slots]
 
     def bank_record(self, frame: int, slot: int, capacity: int, scores: Optional[torch.Tensor] = None) -> None:
-        """Put ``frame`` (resident, or already in the bank) into bank slot ``slot`` of every sequence and layer.
+        """One MemFlow bank step of every sequence: ``frame`` becomes the pending frame, then goes to slot ``slot``.
 
-        ``slot < capacity``: the frame replaces the slot's occupant, or opens the slot when it is the next one.
-        ``slot >= capacity`` (bank full): each sequence and layer keeps the ``capacity - 1`` slots of highest
-        ``scores [num_layers, B, capacity]`` (its text saliency; None: every slot scores 0, the released compress
-        with a zeroed cross-attention cache) and appends the frame. As the released ``compress_kv_bank``, the kept
-        slots go in ``torch.topk``'s order (descending score), and ties go as torch's CPU topk orders them, which
-        this runs on whatever the scores' device (3 slots, all 0: slots 0 and 1 are kept). A frame already in the
-        bank keeps its block (the K/V as recorded, as the released ``k_new`` copy: a re-cache since does not
-        change it). Dropped slots release their block references once no layer names them; nothing is copied.
+        A ``frame`` other than the current pending one (the released commit with ``update_bank``) must be resident:
+        its K/V (every layer) are copied into the sequence's pending block. The pending frame itself (the released
+        steps without ``update_bank``: the replay, the blocks between two records) keeps its pending block as it
+        is, the K/V as recorded (a re-cache since does not change it: the released ``k_new`` is a copy).
+        ``slot < capacity``: the pending K/V are copied into slot block ``slot`` (opened when it is the next slot),
+        every layer. ``slot >= capacity`` (bank full): per sequence and layer the slots become the ``capacity - 1``
+        slots of highest ``scores [num_layers, B, capacity]`` (its text saliency; None: every slot scores 0, the
+        released compress with a zeroed cross-attention cache), followed by the pending frame: an exact indexed
+        copy within the sequence's slot blocks, per layer. As the released ``compress_kv_bank``, the kept slots go
+        in ``torch.topk``'s order (descending score), and ties go as torch's CPU topk orders them, which this runs
+        on whatever the scores' device (3 slots, all 0: slots 0 and 1 are kept). A sequence writes only blocks it
+        holds alone: a shared (forked) slot or pending block is first replaced by a private one (copy on write). A
+        step that repeats the last one on a bank not full (same frame and slot) changes nothing: the slot holds the
+        pending copy already.
         """
         frame = _check_int("frame", frame, 0)
         slot, capacity = _check_int("slot", slot, 0), _check_int("capacity", capacity, 1)
@@ -486,39 +517,84 @@ class GroupKVCache:
                                             or tuple(scores.shape) != (self.num_layers, self.batch_size, capacity)):
             raise ValueError(f"scores must be None or a [num_layers, B, capacity] = "
                              f"{[self.num_layers, self.batch_size, capacity]} tensor when the bank is full")
-        held = len(self._banks[0][0]) if self._banks else 0
+        held = len(self._bank_slots[0])
         if (full and held != capacity) or (not full and slot > held):
             raise ValueError(f"slot {slot}: the bank holds {held} of {capacity} slots, so the next slot is "
                              f"{min(held, capacity)}")
+        pending = self.bank_last[0] if self.bank_last is not None else None
+        if frame != pending:
+            self._bank_pend(frame)
         if full:
             values = (torch.zeros(self.num_layers, self.batch_size, capacity) if scores is None
                       else scores.detach().float().cpu())
-            order = torch.topk(values, capacity - 1, dim=-1).indices.tolist()  # [num_layers][B][capacity - 1]
-        for b, (frame_map, banks) in enumerate(zip(self._maps, self._banks)):
-            block = dict(banks[0]).get(frame, frame_map.get(frame))
-            if block is None:
-                raise ValueError(f"frame {frame} of sequence {b} is neither resident nor in the bank (resident: "
-                                 f"{sorted(frame_map)}, bank: {[f for f, _ in banks[0]]})")
-            before = self._bank_set(b)
-            for layer, slots in enumerate(banks):
-                if full:
-                    slots[:] = [slots[index] for index in order[layer][b]] + [(frame, block)]
-                else:
-                    slots[slot:slot + 1] = [(frame, block)]
-            after = self._bank_set(b)
-            for new in after - before:
-                self._pool.incref(new)
-            for old in before - after:
-                self._pool.decref(old)
+            self._bank_compress(torch.topk(values, capacity - 1, dim=-1).indices.tolist(), frame)
+        elif (frame, slot) != self.bank_last:  # else the step repeats the last one: the slot holds pending already
+            self._bank_write(slot, frame)
         self.bank_last = (frame, slot)
         self.bank_scored = full and scores is not None
+
+    def _private(self, block: Optional[int]) -> int:
+        """``block`` if this sequence holds it alone, else a fresh block (the reference to ``block`` dropped): the
+        block a bank write may overwrite whole."""
+        if block is not None and self._pool.refcount[block] == 1:
+            return block
+        if block is not None:
+            self._pool.decref(block)
+        return self._pool.allocate(1)[0]
+
+    def _bank_pend(self, frame: int) -> None:
+        """Copy resident ``frame``'s K/V (every layer) into each sequence's pending block."""
+        missing = [b for b, frame_map in enumerate(self._maps) if frame not in frame_map]
+        if missing:
+            raise ValueError(f"frame {frame} is neither resident in sequences {missing} nor the bank's pending frame "
+                             f"{self.bank_last[0] if self.bank_last else None} (resident: {self.frames(missing[0])})")
+        self._bank_pending = [self._private(block) for block in self._bank_pending]
+        sources = [frame_map[frame] for frame_map in self._maps]
+        for layer in range(self.num_layers):
+            self._pool.copy_blocks(layer, sources, self._bank_pending)
+
+    def _bank_write(self, slot: int, frame: int) -> None:
+        """Copy each sequence's pending block into its slot block ``slot`` (opened if new), every layer."""
+        targets = []
+        for b, slots in enumerate(self._bank_slots):
+            if slot == len(slots):
+                slots.append(self._pool.allocate(1)[0])
+                for frames in self._bank_frames[b]:
+                    frames.append(frame)
+            else:
+                slots[slot] = self._private(slots[slot])
+                for frames in self._bank_frames[b]:
+                    frames[slot] = frame
+            targets.append(slots[slot])
+        for layer in range(self.num_layers):
+            self._pool.copy_blocks(layer, self._bank_pending, targets)
+
+    def _bank_compress(self, order: list, frame: int) -> None:
+        """The full bank's step: per sequence b and layer l, slots := old slots ``order[l][b]``, then the pending
+        block (``order [num_layers][B][capacity - 1]``), gathered from the old slot blocks into private ones."""
+        old = [list(slots) for slots in self._bank_slots]
+        new = [[block if self._pool.refcount[block] == 1 else self._pool.allocate(1)[0] for block in slots]
+               for slots in old]
+        for layer in range(self.num_layers):
+            sources = [block for b, slots in enumerate(old)
+                       for block in [slots[i] for i in order[layer][b]] + [self._bank_pending[b]]]
+            self._pool.copy_blocks(layer, sources, [block for slots in new for block in slots])
+            for b, frames in enumerate(self._bank_frames):
+                frames[layer][:] = [frames[layer][i] for i in order[layer][b]] + [frame]
+        for slots_old, slots_new in zip(old, new):
+            for before, after in zip(slots_old, slots_new):
+                if before != after:
+                    self._pool.decref(before)
+        self._bank_slots = new
 
     def bank_block_tables(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
                           device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer: :meth:`block_table`'s rows with
-        the layer's bank blocks after the sink, ``[sink | bank | local or route + nearest]`` (MemFlow), or first in
-        a routed row of ``route_layout="memflow"``, ``[bank | route frames | nearest]``. A bank frame that is also
-        in the window is listed twice, as the released attention concatenates both."""
+        the bank's slot blocks after the sink, ``[sink | bank | local or route + nearest]`` (MemFlow), or first in
+        a routed row of ``route_layout="memflow"``, ``[bank | route frames | nearest]``. The slot block ids are the
+        same in every layer (each layer's plane holds its own frames), so every layer gets the same table. A bank
+        frame that is also in the window is read twice (its slot copy and its block), as the released attention
+        concatenates both."""
         start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
         routes = None if routes is None else list(routes)
         table, counts = self.block_table(start, routes, device="cpu")
@@ -529,37 +605,30 @@ class GroupKVCache:
         target = self.device if device is None else torch.device(device)
         if target.type == "meta":
             target = torch.device("cpu")
-        tables = []
-        for layer in range(self.num_layers):
-            rows = [row[:head] + [block for _, block in banks[layer]] + row[head:]
-                    for row, head, banks in zip(history, heads, self._banks)]
-            width = max(1, max(len(row) for row in rows))
-            tables.append((torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32,
-                                        device=target),
-                           torch.tensor([len(row) for row in rows], dtype=torch.int32, device=target)))
-        return tables
+        rows = [row[:head] + slots + row[head:] for row, head, slots in zip(history, heads, self._bank_slots)]
+        return [self._padded_table(rows, target)] * self.num_layers
+
+    @staticmethod
+    def _padded_table(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(row) for row in rows))
+        return (torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32, device=device),
+                torch.tensor([len(row) for row in rows], dtype=torch.int32, device=device))
 
     def bank_frames_tables(self, frames: Sequence[int], *, device: torch.device | str | None = None
                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer: the given resident ``frames``
-        with the layer's bank after those of them in the sink, ``[sink | bank | rest]`` (what a MemFlow re-cache
-        at a prompt switch reads, the released ``k_cat`` of its forward)."""
+        """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer (the same for every layer, as in
+        :meth:`bank_block_tables`): the given resident ``frames`` with the bank's slot blocks after those of them
+        in the sink, ``[sink | bank | rest]`` (what a MemFlow re-cache at a prompt switch reads, the released
+        ``k_cat`` of its forward)."""
         frames = sorted(int(f) for f in frames)
         table, _ = self.frames_table(frames, device="cpu")
         sink = sum(1 for f in frames if f < self.sink_frames)
         target = self.device if device is None else torch.device(device)
         if target.type == "meta":
             target = torch.device("cpu")
-        tables = []
-        for layer in range(self.num_layers):
-            rows = [table[b, :len(frames)].tolist() for b in range(self.batch_size)]
-            rows = [row[:sink] + [block for _, block in banks[layer]] + row[sink:]
-                    for row, banks in zip(rows, self._banks)]
-            width = max(1, max(len(row) for row in rows))
-            tables.append((torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32,
-                                        device=target),
-                           torch.tensor([len(row) for row in rows], dtype=torch.int32, device=target)))
-        return tables
+        rows = [table[b, :len(frames)].tolist() for b in range(self.batch_size)]
+        rows = [row[:sink] + slots + row[sink:] for row, slots in zip(rows, self._bank_slots)]
+        return [self._padded_table(rows, target)] * self.num_layers
 
     # ------------------------------------------------------------------------------------------ writing, eviction
     def append_frames(self, num_frames: Optional[int] = None) -> torch.Tensor:
@@ -632,7 +701,7 @@ class GroupKVCache:
         ``private``: blocks mapped by exactly one sequence; ``total = shared + private`` (each block counted once);
         ``per_layer``: ``total / num_layers``; ``per_sequence_private``: private bytes of each sequence;
         ``pool``: bytes allocated by the pool (incl. free blocks and blocks of other caches); ``block``: one frame.
-        MemFlow bank blocks count too (a frame both in a sequence's window and in its bank is held twice: shared).
+        MemFlow bank blocks (slots and pending, copies) count too: private, or shared after a fork.
         """
         block_bytes = self._pool.block_bytes
         blocks = set()

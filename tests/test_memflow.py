@@ -397,8 +397,10 @@ def test_replay_commits_record_no_bank_frame():
     assert 6 * 3 not in cache.bank_frames(0, 0) and 8 * 3 not in cache.bank_frames(0, 0)
 
 
-def test_bank_frames_outlive_the_local_window_without_copies():
-    """A bank frame evicted from the window stays in the pool through the bank's reference; released with it."""
+def test_bank_slots_are_copies_and_evicted_frames_free_their_blocks():
+    """A bank slot is a block of its own (the released ``kv_bank`` holds copies): frame 9, evicted from the window,
+    lives on only as the copy in slot 1; the sequence holds S slot blocks + 1 pending block (the released
+    ``k_new``), all released with the cache."""
     config = _config("rollout", 3, 3)
     gen = StreamingWanGenerator(_model(2), config, backend="torch")
     clean, prompt = _inputs(config, 1, 13, seed=1)
@@ -409,17 +411,156 @@ def test_bank_frames_outlive_the_local_window_without_copies():
     tables = cache.bank_block_tables()
     assert len(tables) == TINY["num_layers"] and int(tables[0][1][0]) == 3 + 3 + 6  # sink + bank + window
     used = sum(1 for count in cache._pool.refcount if count)
-    assert used == len(cache.frames(0)) + 1  # frame 9 is held by the bank only (0: sink, 18: window)
-    block_9 = cache.bank_blocks(0)[0][1]
-    assert cache._pool.refcount[block_9] == 1  # one reference for the sequence, whichever layers name it
+    assert used == len(cache.frames(0)) + 3 + 1  # the resident frames, 3 slot blocks, the pending block
+    slots = cache.bank_blocks(0)[0]
+    assert not set(slots) & set(cache._maps[0].values()) and all(cache._pool.refcount[b] == 1 for b in slots)
+    k, v = cache.layer(0)
+    for slot, frame in ((0, 0), (2, 18)):  # still resident: the copy is bitwise the frame's block
+        assert torch.equal(k[slots[slot]], k[cache._maps[0][frame]]) and torch.equal(v[slots[slot]],
+                                                                                      v[cache._maps[0][frame]])
+    del k, v
     memory = cache.memory_bytes()
     assert memory["total"] == used * memory["block"]
-    for index in range(9, 13):  # compressions: the dropped slots' blocks return to the pool
+    for index in range(9, 13):  # compressions: copies within the slot blocks, no new block
         gen.commit_block(cache, index, _block(clean, config, index), prompt)
+        assert sum(1 for count in cache._pool.refcount if count) == len(cache.frames(0)) + 3 + 1
     held = {b for frame_map in cache._maps for b in frame_map.values()} | cache._bank_set(0)
     assert {b for b, count in enumerate(cache._pool.refcount) if count} == held
     cache.release()
     assert not any(cache._pool.refcount)
+
+
+def test_bank_record_copies_each_layers_kept_frames_and_rejects_bad_steps():
+    """Cache level, 2 layers, 2 sequences, S = 2: the full bank's step keeps per layer and sequence the slot its
+    scores rank first (layer 0: slot 1, layer 1: slot 0), then the pending frame; each layer's plane of the slot
+    blocks holds that layer's frames' K/V bitwise, whichever frames the other layer keeps. Bad steps raise before
+    any change."""
+    cache = GroupKVCache(2, 2, 1, 4, batch_size=2, nearest_frames=3)
+    written = {}  # (frame, layer) -> (k, v) [B, tokens, 1, 4] of the frame
+    for block in range(3):
+        ids = cache.append_frames()
+        for layer in range(2):
+            k, v = torch.randn(2, 3 * 2, 1, 4), torch.randn(2, 3 * 2, 1, 4)
+            cache.write(layer, ids, k, v)
+            for offset in range(3):
+                written[3 * block + offset, layer] = (k[:, 2 * offset:2 * offset + 2], v[:, 2 * offset:2 * offset + 2])
+        if block < 2:
+            cache.bank_record(3 * block, block, 2)
+    with pytest.raises(ValueError, match="scores"):
+        cache.bank_record(6, 2, 2, torch.zeros(2, 2, 3))
+    with pytest.raises(ValueError, match="frame 30 is neither resident"):
+        cache.bank_record(30, 2, 2)
+    assert cache.bank_last == (3, 1) and [cache.bank_frames(b, layer) for b in range(2) for layer in range(2)] == \
+        [[0, 3]] * 4
+    scores = torch.tensor([[0.0, 1.0], [1.0, 0.0]])[:, None].expand(2, 2, 2)  # [layers, B, slots]
+    cache.bank_record(6, 2, 2, scores)
+    assert [cache.bank_frames(b, layer) for b in range(2) for layer in range(2)] == [[3, 6], [0, 6]] * 2
+    assert len(cache._bank_set(0) | cache._bank_set(1)) == 2 * (2 + 1)
+    for layer in range(2):
+        k_pool, v_pool = cache.layer(layer)
+        for b in range(2):
+            for slot, frame in enumerate(cache.bank_frames(b, layer)):
+                block = cache.bank_blocks(layer)[b][slot]
+                assert torch.equal(k_pool[block], written[frame, layer][0][b]), (layer, b, slot)
+                assert torch.equal(v_pool[block], written[frame, layer][1][b]), (layer, b, slot)
+    fresh = GroupKVCache(1, 2, 1, 4, nearest_frames=3)
+    fresh.append_frames()
+    with pytest.raises(ValueError, match="slot 1: the bank holds 0 of 2 slots"):
+        fresh.bank_record(0, 1, 2)
+
+
+@pytest.mark.parametrize("rule,fork_block,written", [("inference", 3, [1]), ("rollout", 5, [0, 1])])
+def test_fork_shares_the_bank_and_a_branch_copies_on_its_first_bank_step(rule, fork_block, written):
+    """A fork allocates nothing (slot and pending blocks shared by refcount); a branch's first bank step after it
+    ("inference", fork 3: a new frame overwrites slot 1 of a bank not yet full; "rollout", fork 5: the full bank
+    compresses, with the shared pending block) writes private copies of the slots it changes: its sibling's and
+    the parent's banks keep their blocks and their bytes; the branch's slots hold, per layer, the kept slots' K/V
+    and the pending frame's, bitwise."""
+    config = _config(rule, 2, 2)
+    gen = StreamingWanGenerator(_model(4), config, backend="torch")
+    clean, prompt = _inputs(config, 1, fork_block + 1, seed=9)
+    cache = gen.new_cache(1)
+    for index in range(fork_block):
+        gen.commit_block(cache, index, _block(clean, config, index), prompt)
+    used = sum(1 for count in cache._pool.refcount if count)
+    branch, sibling = cache.fork(1), cache.fork(1)
+    assert sum(1 for count in cache._pool.refcount if count) == used  # nothing allocated, nothing copied
+    layers = range(TINY["num_layers"])
+    shared = cache._bank_set(0)
+    assert branch._bank_set(0) == sibling._bank_set(0) == shared and len(shared) == 2 + 1
+    assert all(cache._pool.refcount[b] == 3 for b in shared)
+
+    def snapshot(holder):
+        ids = holder.bank_blocks(0)[0]
+        planes = [(holder.layer(layer)[0][ids].clone(), holder.layer(layer)[1][ids].clone()) for layer in layers]
+        return ids, [holder.bank_frames(0, layer) for layer in layers], planes
+
+    before = snapshot(sibling)
+    gen.commit_block(branch, fork_block, _block(clean, config, fork_block), prompt)
+    for holder in (sibling, cache):
+        ids, frames, planes = snapshot(holder)
+        assert ids == before[0] and frames == before[1]
+        assert all(torch.equal(a, b) for got, want in zip(planes, before[2]) for a, b in zip(got, want))
+    new_ids = branch.bank_blocks(0)[0]
+    assert [j for j, block in enumerate(new_ids) if block != before[0][j]] == written
+    assert all(branch._pool.refcount[new_ids[j]] == 1 and new_ids[j] not in shared for j in written)
+    recorded = branch.bank_last[0]
+    assert (branch._bank_pending[0] in shared) == (recorded != fork_block * 3)  # a new record: a new pending copy
+    for layer in layers:
+        k = branch.layer(layer)[0]
+        for slot, frame in enumerate(branch.bank_frames(0, layer)):
+            source = branch._bank_pending[0] if frame == recorded else before[0][before[1][layer].index(frame)]
+            assert torch.equal(k[new_ids[slot]], k[source]), (layer, slot)
+            if frame == recorded and frame in branch._maps[0]:  # the pending copy is the frame as committed
+                assert torch.equal(k[source], k[branch._maps[0][frame]])
+
+
+def test_group_rollout_holds_at_most_s_plus_one_bank_blocks_per_sequence(tmp_path, monkeypatch):
+    """More layers (8) than bank slots (S = 3), a record every block, 30 blocks, an early fork: every sequence holds
+    at most its resident frames + S + 1 blocks (S slot blocks + the pending block, the released per-layer copies)
+    at every commit, whichever frames its layers keep; the pool that group_pool_blocks sizes is never exceeded and
+    never grows, through the rollout (bank term (G + 2) (S + 1)) and an 8-block replay (each replayed commit of the
+    full bank copies the G branches' S slots, which the per-block snapshots keep: S + 1 + (W - 1) G S)."""
+    import dataclasses
+
+    from _trainer_setup import FAST
+    from kvpo_kernels.cache import _BlockPool
+    from kvpo_kernels.trainer.config import load_config
+    from kvpo_kernels.trainer.loop import Trainer
+    from kvpo_kernels.trainer.rollout import group_pool_blocks, group_rollout, replay_energies
+
+    config = load_config("tiny", overrides=FAST + [f"run.output_dir={tmp_path}", "streaming.memory_bank_frames=3",
+                                                   "streaming.bank_record_interval=1", "model.num_layers=8",
+                                                   "rollout.num_blocks=30", "rollout.fork_min=6",
+                                                   "rollout.fork_max=6"])
+    trainer = Trainer(config)
+    cfg, size = trainer.generator.config, 3
+    grows, peak, worst = [], [0], [0]
+    real_grow, real_allocate, real_evict = _BlockPool.grow, _BlockPool.allocate, GroupKVCache.evict
+
+    def allocate(pool, count):
+        ids = real_allocate(pool, count)
+        peak[0] = max(peak[0], pool.num_blocks - len(pool.free))
+        return ids
+
+    def evict(cache):
+        for b, frame_map in enumerate(cache._maps):
+            held = set(frame_map.values()) | cache._bank_set(b)
+            worst[0] = max(worst[0], len(held) - len(frame_map))
+        return real_evict(cache)
+
+    monkeypatch.setattr(_BlockPool, "grow", lambda pool, extra: (grows.append(extra), real_grow(pool, extra))[1])
+    monkeypatch.setattr(_BlockPool, "allocate", allocate)
+    monkeypatch.setattr(GroupKVCache, "evict", evict)
+    ro = group_rollout(trainer.generator, trainer.prompts[:1], prompt_id=0, num_blocks=30, fork_block=6,
+                       perturbed_blocks=1, num_branches=3, num_routed=2, latent_shape=trainer.latent_shape,
+                       rng=torch.Generator().manual_seed(0), policy_window_frames=8)
+    assert worst[0] <= size + 1, f"a sequence held {worst[0]} bank blocks besides its resident frames"
+    replay_energies(trainer.generator, ro, grad_steps=1)
+    assert len(grows) == 1 and peak[0] <= grows[0], (grows, peak)
+    without = dataclasses.replace(cfg, memory_bank_frames=0)
+    assert group_pool_blocks(cfg, 3, 24, 1, False) - group_pool_blocks(without, 3, 24, 1, False) == (3 + 2) * 4
+    assert group_pool_blocks(cfg, 3, 24, 8, False) == cfg.cache_frames + 3 * 8 + (size + 1) + (8 - 1) * 3 * size
 
 
 def test_group_fork_shares_the_bank_and_routes_only_the_local_part():
@@ -446,7 +587,9 @@ def test_group_fork_shares_the_bank_and_routes_only_the_local_part():
     assert sum(1 for count in cache._pool.refcount if count) == used_before and cache._pool.num_blocks == blocks_before
     assert group.bank_blocks(1) == [cache.bank_blocks(1)[0]] * 3
     assert group.memory_bytes()["private"] == 0
-    group.reserve(blocks_before + 3 * 3)  # the group's commit below, while the predictions' graphs hold views
+    # the group's commit below (3 frames and, copied on write, 2 bank slots + 1 pending block per sequence),
+    # while the predictions' graphs hold views
+    group.reserve(blocks_before + 3 * 3 + 3 * (2 + 1))
     routes = chr_routes(gen.route_pool(cache, blocks), 2, gen.num_routed, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
     x_t = torch.randn(3, TINY["in_channels"], 3, LATENT["latent_height"], LATENT["latent_width"])

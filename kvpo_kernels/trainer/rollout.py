@@ -255,16 +255,20 @@ def group_pool_blocks(cfg, num_branches: int, chunk_blocks: int, window_blocks: 
     reused). Peak of a replay (the rollout's branches are released by then): the snapshot plus the G branches'
     committed blocks, all held by the per-block snapshots of the replay. A prompt switch re-encodes the window into
     fresh blocks before it frees the old ones (MemFlow: up to ``window_frames`` frames, LongLive ``window - sink``):
-    room for that once per sequence. MemFlow's bank keeps up to
-    ``memory_bank_frames`` evicted frames per sequence (the prefix's bank, then each sequence's own).
+    room for that once per sequence. MemFlow's bank: every sequence and the snapshot hold ``memory_bank_frames``
+    slot blocks and one pending block, copies of the frames (the released per-layer ``kv_bank`` and ``k_new``):
+    ``(G + 2) (S + 1)`` in the rollout; in a replay each commit of a full bank copies the G branches' S slots
+    anew (copy on write: the per-block snapshot keeps the old ones, the pending block stays shared).
     """
-    f, sequences = cfg.frames_per_block, num_branches + 1
+    f, sequences, size = cfg.frames_per_block, num_branches + 1, cfg.memory_bank_frames
     rollout = sequences * min(cfg.cache_frames - cfg.sink_frames, f * chunk_blocks)
     replay = num_branches * f * window_blocks
-    recached = cfg.window_frames if cfg.memory_bank_frames else cfg.window_frames - cfg.sink_frames
+    recached = cfg.window_frames if size else cfg.window_frames - cfg.sink_frames
     recache = sequences * recached if switches else 0
-    bank = (sequences + 1) * cfg.memory_bank_frames
-    return cfg.cache_frames + max(rollout, replay) + recache + bank
+    if size:
+        rollout += (sequences + 1) * (size + 1)
+        replay += size + 1 + (window_blocks - 1) * num_branches * size
+    return cfg.cache_frames + max(rollout, replay) + recache
 
 
 def group_rollout(gen, prompt_embeds, *, prompt_id: int, num_blocks: int, fork_block: int,

@@ -2,8 +2,10 @@
 
 MemFlow (Richard-Zhang-AI/KVPO ``models/memflow``) is LongLive's causal Wan2.1-T2V-1.3B (sink 3, window 12, blocks
 of 3 frames) plus, in every self-attention layer, a bank of ``bank_size`` (S = 3) frames of K/V. Here it is the
-streaming generator with ``StreamingConfig(memory_bank_frames=S, bank_record_interval=ri)``; the bank frames are
-blocks of the group KV cache (references, no copy), so forks share them like any history frame.
+streaming generator with ``StreamingConfig(memory_bank_frames=S, bank_record_interval=ri)``; the bank is held as
+the released one, copies: per sequence S slot blocks and one pending block of the group KV cache (layer l's plane
+of slot j holds the frame layer l keeps there), so forks share them by refcount like any history block and a
+branch copies them on its first write (``GroupKVCache`` docstring).
 
 The released rule (``wan/modules/causal_model.py``: ``CausalWanSelfAttention.forward`` l. 347-530,
 ``CausalWanModel._apply_cache_updates`` l. 1063-1136, ``_apply_cache_updates_before`` l. 1138-1168,
@@ -45,9 +47,9 @@ each block's first step: no new frame is recorded, and the bank step repeats wit
 Equivalent frame-level form used here: after committing block j, the recorded block is r = j ("inference") or
 ``r = j - j % ri`` ("rollout"); its first frame r f goes to slot ``r // ri``, or (slot >= S) replaces the least
 salient slot. Doing this at the end of block j's commit instead of at block j + 1's first step is the same: nothing
-reads the bank in between, and a snapshot taken in between is re-updated identically by every branch. The frame
-enters with its block as committed; a later step that repeats it keeps that block (``k_new`` is a copy), even
-when a prompt switch has re-encoded the frame's window entry since.
+reads the bank in between, and a snapshot taken in between is re-updated identically by every branch. A record
+copies the frame's K/V as committed into the pending block (``k_new``); a later step that repeats it reuses that
+copy, even when a prompt switch has re-encoded the frame's window entry since.
 
 Prompt switches (``StreamingWanGenerator.recache``; only the "rollout" rule: ``causal_inference.py`` has none).
 Released: ``pipeline/diversity_sampling.py`` ``recache_after_switch`` (l. 193-256; the trainer calls it at a

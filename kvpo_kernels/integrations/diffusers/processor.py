@@ -22,7 +22,7 @@ class _BlockContext:
     rotary: tuple                     # (cos, sin), each [1, f * S, 1, D] float32, at the block's frame offset
     write_ids: Optional[torch.Tensor]  # int64 [B, f] blocks to fill with this block's K/V, or None (read only)
     backend: str                      # routed_attention backend
-    layer_tables: Optional[list] = None  # MemFlow: one (block_table, block_counts) per layer (its own bank),
+    layer_tables: Optional[list] = None  # MemFlow: one (block_table, block_counts) per layer (with the bank),
     #                                      used instead of block_table / block_counts
     attend_self: bool = True          # False: the queries read only the table (the block's own K/V are still
     #                                   written): MemFlow's re-cache of the frames outside the local window

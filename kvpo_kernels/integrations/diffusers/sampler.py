@@ -73,14 +73,16 @@ class StreamingWanGenerator:
 
         ``dtype``: of the stored K/V, default the self-attention weights' dtype (pass the autocast dtype when the
         weights are fp32 under autocast). ``reserve_blocks``: pool blocks allocated now (default
-        ``batch_size * (cache_frames + memory_bank_frames)``, a rollout's steady state; see
+        ``batch_size * (cache_frames + memory_bank_frames + 1)`` with MemFlow's bank, else ``batch_size *
+        cache_frames``: a rollout's steady state; see
         :meth:`GroupKVCache.reserve` for groups).
         """
         weight = self.transformer.blocks[0].attn1.to_k.weight
         c = self.transformer.config
         if reserve_blocks is None:
-            # a sequence holds at most cache_frames resident frames plus (MemFlow) its evicted bank frames
-            steady = self.config.cache_frames + self.config.memory_bank_frames
+            # a sequence holds at most cache_frames resident frames plus (MemFlow) its bank slots and pending block
+            bank = self.config.memory_bank_frames
+            steady = self.config.cache_frames + (bank + 1 if bank else 0)
             reserve_blocks = batch_size * steady if weight.device.type != "meta" else 0
         return GroupKVCache(c.num_layers, self.frame_tokens, c.num_attention_heads, c.attention_head_dim,
                             batch_size=batch_size, frames_per_block=self.config.frames_per_block,
