@@ -202,6 +202,46 @@ def test_context_noise_commit():
         StreamingConfig(context_noise=1000)
 
 
+def _released_add_noise_sigma(timestep: int, shift: float) -> float:
+    """Transcription of the released training scheduler's add_noise lookup (KVPO ``utils/scheduler.py`` l. 108-175
+    with ``FlowMatchScheduler(shift, sigma_min=0.0, extra_one_step=True).set_timesteps(1000, training=True)``)."""
+    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = sigmas * 1000
+    return float(sigmas[torch.argmin((timesteps - timestep).abs())])
+
+
+@pytest.mark.parametrize("shift", [5.0, 3.0])
+def test_context_noise_grid_is_the_released_scheduler_lookup(shift):
+    for timestep in (0, 1, 7, 100, 250, 999):
+        config = StreamingConfig(context_noise=timestep, context_noise_grid=True, shift=shift, **LATENT)
+        assert abs(config.context_sigma - _released_add_noise_sigma(timestep, shift)) < 1e-6
+        assert config.context_timestep_sigma == timestep / 1000
+    assert abs(StreamingConfig(context_noise_grid=True, **LATENT).context_sigma - 5 * 0.001 / 1.004) < 1e-12
+    with pytest.raises(TypeError, match="context_noise_grid"):
+        StreamingConfig(context_noise_grid=1, **LATENT)
+
+
+def test_context_noise_grid_commit_feeds_noise_at_timestep_zero():
+    """Released rollouts at context_noise 0: the commit forward sees 0.995 x0 + 0.005 eps, at timestep 0."""
+    config = StreamingConfig(context_noise_grid=True, **LATENT)
+    model = _model(10)
+    gen, plain = StreamingWanGenerator(model, config, backend="torch"), StreamingWanGenerator(model, CONFIG,
+                                                                                             backend="torch")
+    x0, eps, prompt = torch.randn(1, 4, 3, 4, 6), torch.randn(1, 4, 3, 4, 6), torch.randn(1, 5, 32)
+    a, b = gen.new_cache(1), plain.new_cache(1)
+    gen.commit_block(a, 0, x0, prompt, commit_noise=eps)
+    c = config.context_sigma
+    x_t = torch.randn(1, 4, 3, 4, 6)
+    plain._forward(b, 0, ((1 - c) * x0 + c * eps), plain._sigma(0.0, 1, x0.device), prompt,
+                   b.block_table(0, None), b.append_frames(3))
+    assert_close_to_truth("x0 after a grid commit", gen.predict_x0(a, 1, x_t, 0.8, prompt),
+                          plain.predict_x0(b, 1, x_t, 0.8, prompt))
+    clean = plain.new_cache(1)
+    plain.commit_block(clean, 0, x0, prompt)
+    assert not torch.allclose(gen.predict_x0(a, 1, x_t, 0.8, prompt), plain.predict_x0(clean, 1, x_t, 0.8, prompt))
+
+
 def test_rewrite_frames_and_frames_table_errors():
     gen = StreamingWanGenerator(_model(11), CONFIG, backend="torch")
     cache = gen.new_cache(2)

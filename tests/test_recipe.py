@@ -128,6 +128,7 @@ def test_wan_preset_is_the_released_config_value_for_value():
     assert model.gradient_checkpointing and list(streaming.timesteps) == [1000, 750, 500, 250]
     assert (streaming.frames_per_block, streaming.sink_frames, streaming.window_frames, streaming.nearest_frames,
             streaming.cache_frames, streaming.shift) == (3, 3, 12, 4, 33, 5.0)
+    assert (streaming.context_noise, streaming.context_noise_grid) == (0, True)  # released: add_noise(x0, eps, 0)
     assert rollout.num_blocks * streaming.frames_per_block == 147 and config.num_routed() == 5
     assert (rollout.streaming_chunk_size, rollout.streaming_min_new_frame,
             rollout.perturb_within_first_x_chunks) == (21, 18, 7)

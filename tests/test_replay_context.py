@@ -68,13 +68,13 @@ def test_replay_context_is_the_policys_own_committed_x0(tmp_path):
     assert ((own[:, 1:] - rollout_context[:, 1:]).abs() > 1e-4 * rollout_context[:, 1:].abs()).any()
 
 
-@pytest.mark.parametrize("context_noise", [0, 50])
-def test_rollout_policy_replaying_an_unrouted_trajectory_reproduces_it(tmp_path, context_noise):
+@pytest.mark.parametrize("context_noise, grid", [(0, False), (50, False), (0, True)])
+def test_rollout_policy_replaying_an_unrouted_trajectory_reproduces_it(tmp_path, context_noise, grid):
     """Policy == rollout policy, routing off (the anchor's trajectory as branch 0): E = 0 in every block and step,
-    also with a noised commit (the replay reuses the rollout's commit noise)."""
-    trainer = _trainer(tmp_path, f"streaming.context_noise={context_noise}")
+    also with a noised commit (the replay reuses the rollout's commit noise), the released grid's at 0 included."""
+    trainer = _trainer(tmp_path, f"streaming.context_noise={context_noise}", f"streaming.context_noise_grid={grid}")
     ro = _rollout(trainer.generator, trainer, 12)
-    assert (ro.commit_noise is None) == (context_noise == 0)
+    assert (ro.commit_noise is None) == (context_noise == 0 and not grid)
     order = [3, 0, 1, 2]
     swapped = dataclasses.replace(ro, chunk=ro.chunk[order], x_t=ro.x_t[:, :, order], x0_pred=ro.x0_pred[:, :, order])
     energy = replay_energies(trainer.generator, swapped, num_blocks=3, grad_steps=2, backend="torch")

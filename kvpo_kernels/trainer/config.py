@@ -88,6 +88,8 @@ class StreamingSection:
     cache_frames: int = 8                  # frames kept resident incl. the block being written (LongLive-KVPO: 21)
     context_noise: int = 0                 # timestep of the commit / re-cache forwards; input (1 - t/1000) x0 +
     #                                        t/1000 noise (released: 0; see StreamingConfig.context_noise)
+    context_noise_grid: bool = False       # the commit's noise level as the released training scheduler looks it up
+    #                                        (0.00498 at context_noise 0; StreamingConfig.context_noise_grid)
     memory_bank_frames: int = 0            # MemFlow's KV memory bank, frames per layer (released bank_size: 3); 0: off
     bank_record_interval: int = 3          # MemFlow: one bank slot per this many blocks (released record_interval: 3)
     bank_rule: str = "rollout"             # MemFlow's released bank update: rollout | inference (see memflow.py)
@@ -466,8 +468,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   "ffn_dim": 8960, "text_dim": 4096, "freq_dim": 256, "latent_channels": 16,
                   "gradient_checkpointing": True, "lora_rank": 256, "lora_alpha": 256.0},
         # local_attn_size 12 (sink 3 + 5 routed + 4 nearest), KV cache local 12 + slice_last_frames 21 = 33 frames
+        # context_noise 0 through the released training scheduler's lookup: commits feed 0.995 x0 + 0.005 eps
         "streaming": {"frames_per_block": 3, "sink_frames": 3, "window_frames": 12, "nearest_frames": 4,
-                      "cache_frames": 33},
+                      "cache_frames": 33, "context_noise_grid": True},
         # 147 frames in chunks [0, 21), [21, 39), ... of 18; P = 5 blocks inside one of the first 7 chunks and at
         # frame >= local_attn_size (12): 12 eligible forks, frames 21, 24, 39, 42, ..., 111, 114
         "rollout": {"num_blocks": 49, "fork_min": 4, "fork_max": 44, "perturbed_blocks": 5, "num_branches": 8,

@@ -144,6 +144,7 @@ class Trainer:
                             timesteps=tuple(streaming.timesteps), shift=streaming.shift,
                             cache_frames=streaming.cache_frames, latent_height=config.rollout.latent_height,
                             latent_width=config.rollout.latent_width, context_noise=streaming.context_noise,
+                            context_noise_grid=streaming.context_noise_grid,
                             memory_bank_frames=streaming.memory_bank_frames,
                             bank_record_interval=streaming.bank_record_interval, bank_rule=streaming.bank_rule,
                             route_layout=streaming.route_layout),

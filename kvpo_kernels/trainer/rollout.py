@@ -42,7 +42,8 @@ routing off, the policy predicts x0 at each recorded noisy input x_t; the trajec
 Replay context (released): each replayed block's history for the next one is the REPLAYING policy's
 own last-step x0, committed as the rollout commits (timestep ``context_noise``, the rollout's own commit noise), not
 the rollout's clean block; so a replay by the rollout policy reproduces the rollout exactly. (The released code
-draws fresh commit noise in the replay; at its default, context_noise 0, we commit x0 exactly: no noise at all.)
+draws fresh commit noise in the replay, also at context_noise 0, where its scheduler's lookup still mixes in
+0.005 eps: ``streaming.context_noise_grid``, set by the 1.3B presets. Without the grid, 0 commits x0 itself.)
 MemFlow: the replay records no new bank frame (released: ``update_bank=False``), so a replay whose window holds a
 record block reads another bank than its rollout did, as in the released code.
 With ``rematerialize``, :func:`backward_through_replay` trades one extra forward per gradient step for holding only
@@ -186,7 +187,7 @@ class GroupRollout:
     chunk: ``[G + 1, C, (num_blocks - fork_block) * f, H, W]`` clean latents from the fork to the end.
     x_t, x0_pred: ``[NC, K, G + 1, C, f, H, W]`` the noisy input and the predicted x0 of every chunk block (NC of
     them), step and sequence. commit_noise: ``[NC, 1, C, f, H, W]`` each chunk block's commit noise (None when
-    context_noise is 0). routes: the G branch routes (absolute frame indices; with ``route_layout="memflow"`` the
+    the commit's ``context_sigma`` is 0). routes: the G branch routes (absolute frame indices; with ``route_layout="memflow"`` the
     released plan's cache slots, which each perturbed block reads as ``GroupKVCache.route_frames``). sigmas: ``[K]``.
     prompt_embeds: the segments' ``[1, L_s, D]``; segment_ids: their ids (rewards' prompt ids); switch_frames:
     where segments 1.. start (aligned). prompt_id: index of the prompt entry. perturbed_chunk: ``(start, end)``
@@ -314,7 +315,7 @@ def _generate_group(gen, segments, switches, num_blocks, fork_block, perturbed_b
     param = next(gen.transformer.parameters())
     device, dtype = param.device, param.dtype
     shape = (1, channels, f, height, width)
-    noised_commit = cfg.context_noise > 0
+    noised_commit = cfg.context_sigma > 0
     noises = [block_noise(rng, steps + noised_commit, shape) for _ in range(num_blocks)]
 
     def to_device(tensors, batch):

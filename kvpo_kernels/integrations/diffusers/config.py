@@ -35,8 +35,12 @@ class StreamingConfig:
     latent_width: int = 104
     context_noise: int = 0          # timestep of the forward that commits a clean block (and re-encodes the window
     #                                 at a prompt switch); a commit feeds (1 - c) x0 + c eps, c = context_noise/1000.
-    #                                 Released: 0. (Its 1000-step scheduler grid has no t = 0, so its add_noise uses
-    #                                 the nearest grid sigma, 0.005 at shift 5; ours commits x0 itself at 0.)
+    #                                 Released: 0, with context_noise_grid (below).
+    context_noise_grid: bool = False  # c as the released training pipelines' add_noise has it: the sigma of the
+    #                                 nearest of their scheduler's 1000 shifted training timesteps, which has no
+    #                                 t = 0 (smallest sigma 0.00498 at shift 5): context_noise 0 still feeds
+    #                                 0.995 x0 + 0.005 eps. False: c = context_noise / 1000 (0: x0 itself, as the
+    #                                 released inference pipelines commit)
     memory_bank_frames: int = 0     # MemFlow's KV memory bank (released bank_size: 3); 0 = off (LongLive)
     bank_record_interval: int = 3   # MemFlow: the bank gains a slot every this many blocks (record_interval: 3)
     bank_rule: str = "rollout"      # MemFlow: which released update rule ("rollout": streaming_training.py, the
@@ -61,6 +65,8 @@ class StreamingConfig:
             raise ValueError(f"StreamingConfig.bank_rule must be 'rollout' or 'inference', got {self.bank_rule!r}")
         if self.route_layout not in ("sink", "memflow"):
             raise ValueError(f"StreamingConfig.route_layout must be 'sink' or 'memflow', got {self.route_layout!r}")
+        if not isinstance(self.context_noise_grid, bool):
+            raise TypeError(f"StreamingConfig.context_noise_grid must be a bool, got {self.context_noise_grid!r}")
         if isinstance(self.context_noise, bool) or not isinstance(self.context_noise, numbers.Integral) \
                 or not 0 <= self.context_noise < 1000:
             raise ValueError(f"StreamingConfig.context_noise must be an int timestep in [0, 1000), "
@@ -73,9 +79,25 @@ class StreamingConfig:
             raise ValueError(f"StreamingConfig.shift must be > 0, got {self.shift}")
 
     @property
-    def context_sigma(self) -> float:
-        """Noise level of a commit's input, ``context_noise / 1000`` (the model sees timestep context_noise)."""
+    def context_timestep_sigma(self) -> float:
+        """``context_noise / 1000``: the commit and re-cache forwards run at timestep ``context_noise``."""
         return self.context_noise / 1000.0
+
+    @property
+    def context_sigma(self) -> float:
+        """Noise level c of a commit's input ``(1 - c) x0 + c eps`` (the model sees timestep context_noise).
+
+        ``context_noise / 1000``, or with ``context_noise_grid`` the released training scheduler's lookup
+        (``utils/scheduler.py`` FlowMatchScheduler ``add_noise`` l. 159-175, built with ``sigma_min=0,
+        extra_one_step=True`` and ``set_timesteps(1000, training=True)`` in ``utils/wan_wrapper.py`` l. 248-251):
+        sigmas ``linspace(1, 0, 1001)[:-1]`` warped by the shift, timesteps ``1000 sigma``, and the sigma of the
+        timestep nearest to context_noise (float64 here, float32 there: ~1e-8 apart).
+        """
+        if not self.context_noise_grid:
+            return self.context_timestep_sigma
+        shift = float(self.shift)
+        grid = [shift * s / (1 + (shift - 1) * s) for s in ((1000 - i) / 1000 for i in range(1000))]
+        return min(grid, key=lambda sigma: abs(1000 * sigma - self.context_noise))
 
     def recache_frames(self, start_frame: int) -> list[int]:
         """Frames re-encoded under the new prompt at a switch before ``start_frame``: the ``window_frames -

@@ -228,7 +228,8 @@ class StreamingWanGenerator:
                      record_bank: bool = True, before_switch: bool = False) -> None:
         """One forward of the clean block ``x0 [B, C, f, H, W]`` at timestep ``config.context_noise`` that writes
         its K/V into the cache (the block must be the cache's next one), then evicts the frames no later block can
-        read. With ``context_noise > 0`` the input is ``(1 - c) x0 + c commit_noise`` (fresh ``randn`` when None).
+        read. With ``config.context_sigma`` c > 0 the input is ``(1 - c) x0 + c commit_noise`` (fresh ``randn``
+        when None).
         MemFlow: then the bank update; ``record_bank=False`` records no new frame (the released KVPO replay);
         ``before_switch``: a prompt switch's :meth:`recache` comes next, so a full bank's step scores every slot 0
         (released: the step runs after the switch zeroed the cross-attention cache; see ``memflow.py``)."""
@@ -242,7 +243,7 @@ class StreamingWanGenerator:
         tables = self._history_tables(cache, start, routes, x0.device)
         write_ids = cache.append_frames(self.config.frames_per_block)
         try:
-            self._forward(cache, start, x_in, self._sigma(self.config.context_sigma, x0.shape[0], x0.device),
+            self._forward(cache, start, x_in, self._sigma(self.config.context_timestep_sigma, x0.shape[0], x0.device),
                           prompt_embeds, tables, write_ids)
             if self.config.memory_bank_frames:
                 self._record_bank(cache, block_index, None if before_switch else prompt_embeds, record_bank)
@@ -286,7 +287,7 @@ class StreamingWanGenerator:
             return frames
         tables = cache.frames_table(range(min(self.config.sink_frames, start)), device=x.device)
         write_ids = cache.rewrite_frames(frames)
-        self._forward(cache, frames[0], x, self._sigma(self.config.context_sigma, x.shape[0], x.device),
+        self._forward(cache, frames[0], x, self._sigma(self.config.context_timestep_sigma, x.shape[0], x.device),
                       prompt_embeds, tables, write_ids)
         return frames
 
@@ -318,7 +319,7 @@ class StreamingWanGenerator:
         query reads, then read those without themselves (``attend_self=False``). From frame 0 (s <= window) the
         sink is re-encoded too: one forward of all frames reading the bank and themselves."""
         c = self.config
-        sigma = self._sigma(c.context_sigma, x.shape[0], x.device)
+        sigma = self._sigma(c.context_timestep_sigma, x.shape[0], x.device)
         start, local = frames[-1] + 1, c.window_frames - c.sink_frames
         near = frames if frames[0] == 0 else [f for f in frames if f >= start - local]
         older = frames[:len(frames) - len(near)]
