@@ -58,8 +58,8 @@ def assert_close_to_truth(name: str, actual: torch.Tensor, truth: torch.Tensor, 
     ``baseline`` is the same computation done with PyTorch ops in the kernel's dtype. For a low-precision baseline
     the atol also holds flash-attention 3's rounding allowance (one step of that dtype at the truth's magnitude):
     on the small shapes the CPU tests afford, PyTorch's own result is often within one rounding step of the truth,
-    so 2x its error alone would demand better than the dtype can represent. Without a baseline (fp32 kernels), the error must be within ``rtol``
-    of the truth's magnitude (plus ``atol``).
+    so 2x its error alone would demand better than the dtype can represent. Without a baseline (fp32 kernels), the
+    error must be within ``rtol`` of the truth's magnitude (plus ``atol``).
     """
     err = max_abs_error(actual, truth)
     if baseline is not None:

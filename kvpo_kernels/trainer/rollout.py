@@ -187,8 +187,9 @@ class GroupRollout:
     chunk: ``[G + 1, C, (num_blocks - fork_block) * f, H, W]`` clean latents from the fork to the end.
     x_t, x0_pred: ``[NC, K, G + 1, C, f, H, W]`` the noisy input and the predicted x0 of every chunk block (NC of
     them), step and sequence. commit_noise: ``[NC, 1, C, f, H, W]`` each chunk block's commit noise (None when
-    the commit's ``context_sigma`` is 0). routes: the G branch routes (absolute frame indices; with ``route_layout="memflow"`` the
-    released plan's cache slots, which each perturbed block reads as ``GroupKVCache.route_frames``). sigmas: ``[K]``.
+    the commit's ``context_sigma`` is 0). routes: the G branch routes (absolute frame indices; with
+    ``route_layout="memflow"`` the released plan's cache slots, which each perturbed block reads as
+    ``GroupKVCache.route_frames``). sigmas: ``[K]``.
     prompt_embeds: the segments' ``[1, L_s, D]``; segment_ids: their ids (rewards' prompt ids); switch_frames:
     where segments 1.. start (aligned). prompt_id: index of the prompt entry. perturbed_chunk: ``(start, end)``
     frames of the streaming chunk holding the fork; window_blocks: blocks the replay covers from the fork.
