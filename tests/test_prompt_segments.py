@@ -183,21 +183,27 @@ def test_generate_with_switches_is_the_manual_loop():
         gen.recache(cache, torch.randn(1, 4, 2, 4, 6), prompts[0])
 
 
-def test_context_noise_commit():
-    """context_noise c: the commit forward sees (1 - c/1000) x0 + c/1000 eps at timestep c."""
-    config = StreamingConfig(context_noise=100, **LATENT)
+@pytest.mark.parametrize("context_noise, grid", [(100, False), (0, True)])
+def test_context_noise_commit(context_noise, grid):
+    """The commit forward sees (1 - c) x0 + c eps at timestep context_noise: c = context_noise / 1000, or with the
+    released grid (context_noise_grid) 0.00498 at context_noise 0, which then still adds noise."""
+    config = StreamingConfig(context_noise=context_noise, context_noise_grid=grid, **LATENT)
     model = _model(10)
     gen, plain = StreamingWanGenerator(model, config, backend="torch"), StreamingWanGenerator(model, CONFIG,
                                                                                              backend="torch")
     x0, eps, prompt = torch.randn(1, 4, 3, 4, 6), torch.randn(1, 4, 3, 4, 6), torch.randn(1, 5, 32)
     a, b = gen.new_cache(1), plain.new_cache(1)
     gen.commit_block(a, 0, x0, prompt, commit_noise=eps)
-    # The same K/V as a plain commit of the noised input run at timestep 100: compare the next block's x0.
+    # The same K/V as a plain commit of the noised input run at that timestep: compare the next block's x0.
+    c = 0.1 if not grid else 5 * 0.001 / 1.004
     x_t = torch.randn(1, 4, 3, 4, 6)
-    plain._forward(b, 0, (0.9 * x0 + 0.1 * eps), plain._sigma(0.1, 1, x0.device), prompt,
+    plain._forward(b, 0, ((1 - c) * x0 + c * eps), plain._sigma(context_noise / 1000, 1, x0.device), prompt,
                    b.block_table(0, None), b.append_frames(3))
-    assert_close_to_truth("x0 after a noisy commit", gen.predict_x0(a, 1, x_t, 0.8, prompt),
-                          plain.predict_x0(b, 1, x_t, 0.8, prompt))
+    after = gen.predict_x0(a, 1, x_t, 0.8, prompt)
+    assert_close_to_truth("x0 after a noisy commit", after, plain.predict_x0(b, 1, x_t, 0.8, prompt))
+    clean = plain.new_cache(1)
+    plain.commit_block(clean, 0, x0, prompt)
+    assert not torch.allclose(after, plain.predict_x0(clean, 1, x_t, 0.8, prompt))
     with pytest.raises(ValueError, match="context_noise"):
         StreamingConfig(context_noise=1000)
 
@@ -220,26 +226,6 @@ def test_context_noise_grid_is_the_released_scheduler_lookup(shift):
     assert abs(StreamingConfig(context_noise_grid=True, **LATENT).context_sigma - 5 * 0.001 / 1.004) < 1e-12
     with pytest.raises(TypeError, match="context_noise_grid"):
         StreamingConfig(context_noise_grid=1, **LATENT)
-
-
-def test_context_noise_grid_commit_feeds_noise_at_timestep_zero():
-    """Released rollouts at context_noise 0: the commit forward sees 0.995 x0 + 0.005 eps, at timestep 0."""
-    config = StreamingConfig(context_noise_grid=True, **LATENT)
-    model = _model(10)
-    gen, plain = StreamingWanGenerator(model, config, backend="torch"), StreamingWanGenerator(model, CONFIG,
-                                                                                             backend="torch")
-    x0, eps, prompt = torch.randn(1, 4, 3, 4, 6), torch.randn(1, 4, 3, 4, 6), torch.randn(1, 5, 32)
-    a, b = gen.new_cache(1), plain.new_cache(1)
-    gen.commit_block(a, 0, x0, prompt, commit_noise=eps)
-    c = config.context_sigma
-    x_t = torch.randn(1, 4, 3, 4, 6)
-    plain._forward(b, 0, ((1 - c) * x0 + c * eps), plain._sigma(0.0, 1, x0.device), prompt,
-                   b.block_table(0, None), b.append_frames(3))
-    assert_close_to_truth("x0 after a grid commit", gen.predict_x0(a, 1, x_t, 0.8, prompt),
-                          plain.predict_x0(b, 1, x_t, 0.8, prompt))
-    clean = plain.new_cache(1)
-    plain.commit_block(clean, 0, x0, prompt)
-    assert not torch.allclose(gen.predict_x0(a, 1, x_t, 0.8, prompt), plain.predict_x0(clean, 1, x_t, 0.8, prompt))
 
 
 def test_rewrite_frames_and_frames_table_errors():
