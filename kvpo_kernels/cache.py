@@ -417,6 +417,10 @@ class GroupKVCache:
         Raises ``ValueError`` if a visible frame is not resident in that sequence (evicted or never written).
         """
         start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
+        return self._padded_table(self._block_rows(start, routes), device)
+
+    def _block_rows(self, start: int, routes: Optional[Sequence]) -> list[list[int]]:
+        """Per sequence, the block ids of the history frames the block at ``start`` reads (:meth:`block_table`)."""
         if routes is not None:
             routes = list(routes)
             if len(routes) != self.batch_size:
@@ -429,13 +433,20 @@ class GroupKVCache:
                 raise ValueError(f"frames {missing} of sequence {b} are not in the cache (evicted or not written "
                                  f"yet; resident: {sorted(frame_map)}); block at frame {start}")
             rows.append([frame_map[f] for f in frames])
-        width = max(1, max(len(row) for row in rows))
-        table = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32)
-        counts = torch.tensor([len(row) for row in rows], dtype=torch.int32)
+        return rows
+
+    def _table_device(self, device: torch.device | str | None) -> torch.device:
+        """Where tables and block ids go: ``device``, default the cache's; the CPU for a meta cache."""
         target = self.device if device is None else torch.device(device)
-        if target.type == "meta":
-            target = torch.device("cpu")
-        return table.to(target), counts.to(target)
+        return torch.device("cpu") if target.type == "meta" else target
+
+    def _padded_table(self, rows: list[list[int]], device: torch.device | str | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block_table int32 [B, max(1, longest row)], block_counts int32 [B])``: ``rows`` padded with block 0."""
+        target = self._table_device(device)
+        width = max(1, max(len(row) for row in rows))
+        return (torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32, device=target),
+                torch.tensor([len(row) for row in rows], dtype=torch.int32, device=target))
 
     def _check_resident(self, frames: Sequence[int]) -> None:
         for b, frame_map in enumerate(self._maps):
@@ -448,14 +459,12 @@ class GroupKVCache:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(block_table int32 [B, max(1, len(frames))], block_counts int32 [B])``: the blocks of the given frames
         (in the given order) in every sequence, e.g. the sink that a prompt switch's re-encode reads."""
+        return self._padded_table(self._frame_rows(frames), device)
+
+    def _frame_rows(self, frames: Sequence[int]) -> list[list[int]]:
         frames = [int(f) for f in frames]
         self._check_resident(frames)
-        rows = [[frame_map[f] for f in frames] or [0] for frame_map in self._maps]
-        target = self.device if device is None else torch.device(device)
-        if target.type == "meta":
-            target = torch.device("cpu")
-        return (torch.tensor(rows, dtype=torch.int32, device=target),
-                torch.full((self.batch_size,), len(frames), dtype=torch.int32, device=target))
+        return [[frame_map[f] for f in frames] for frame_map in self._maps]
 
     def rewrite_frames(self, frames: Sequence[int]) -> torch.Tensor:
         """Give resident ``frames`` fresh private blocks in every sequence (for a re-encode) and drop this cache's
@@ -475,8 +484,7 @@ class GroupKVCache:
                 self._pool.decref(frame_map[frame])
                 frame_map[frame] = block
             ids.append(row)
-        device = self.device if self.device.type != "meta" else torch.device("cpu")
-        rewritten = torch.tensor(ids, dtype=torch.int64, device=device)
+        rewritten = torch.tensor(ids, dtype=torch.int64, device=self._table_device(None))
         self._appended = (rewritten, [block for row in ids for block in row])
         return rewritten
 
@@ -587,48 +595,31 @@ class GroupKVCache:
                     self._pool.decref(before)
         self._bank_slots = new
 
-    def bank_block_tables(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
-                          device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer: :meth:`block_table`'s rows with
-        the bank's slot blocks after the sink, ``[sink | bank | local or route + nearest]`` (MemFlow), or first in
-        a routed row of ``route_layout="memflow"``, ``[bank | route frames | nearest]``. The slot block ids are the
-        same in every layer (each layer's plane holds its own frames), so every layer gets the same table. A bank
-        frame that is also in the window is read twice (its slot copy and its block), as the released attention
-        concatenates both."""
+    def bank_block_table(self, start_frame: Optional[int] = None, routes: Optional[Sequence] = None, *,
+                         device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`block_table` with the bank's slot blocks after the sink, ``[sink | bank | local or route +
+        nearest]`` (MemFlow), or first in a routed row of ``route_layout="memflow"``, ``[bank | route frames |
+        nearest]``. The slot block ids are the same in every layer (each layer's plane holds its own frames), so
+        one table serves every layer. A bank frame that is also in the window is read twice (its slot copy and its
+        block), as the released attention concatenates both."""
         start = self.num_frames if start_frame is None else _check_int("start_frame", start_frame, 0)
         routes = None if routes is None else list(routes)
-        table, counts = self.block_table(start, routes, device="cpu")
+        history = self._block_rows(start, routes)  # validates the routes first
         sink = min(self.sink_frames, start)
         heads = [0 if self.route_layout == "memflow" and routes is not None and routes[b] is not None else sink
                  for b in range(self.batch_size)]
-        history = [table[b, :counts[b]].tolist() for b in range(self.batch_size)]
-        target = self.device if device is None else torch.device(device)
-        if target.type == "meta":
-            target = torch.device("cpu")
         rows = [row[:head] + slots + row[head:] for row, head, slots in zip(history, heads, self._bank_slots)]
-        return [self._padded_table(rows, target)] * self.num_layers
+        return self._padded_table(rows, device)
 
-    @staticmethod
-    def _padded_table(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(1, max(len(row) for row in rows))
-        return (torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int32, device=device),
-                torch.tensor([len(row) for row in rows], dtype=torch.int32, device=device))
-
-    def bank_frames_tables(self, frames: Sequence[int], *, device: torch.device | str | None = None
-                           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One ``(block_table int32 [B, M], block_counts int32 [B])`` per layer (the same for every layer, as in
-        :meth:`bank_block_tables`): the given resident ``frames`` with the bank's slot blocks after those of them
-        in the sink, ``[sink | bank | rest]`` (what a MemFlow re-cache at a prompt switch reads, the released
+    def bank_frames_table(self, frames: Sequence[int], *, device: torch.device | str | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`frames_table` of the given resident ``frames`` (sorted) with the bank's slot blocks after those of
+        them in the sink, ``[sink | bank | rest]`` (what a MemFlow re-cache at a prompt switch reads, the released
         ``k_cat`` of its forward)."""
         frames = sorted(int(f) for f in frames)
-        table, _ = self.frames_table(frames, device="cpu")
         sink = sum(1 for f in frames if f < self.sink_frames)
-        target = self.device if device is None else torch.device(device)
-        if target.type == "meta":
-            target = torch.device("cpu")
-        rows = [table[b, :len(frames)].tolist() for b in range(self.batch_size)]
-        rows = [row[:sink] + slots + row[sink:] for row, slots in zip(rows, self._bank_slots)]
-        return [self._padded_table(rows, target)] * self.num_layers
+        rows = [row[:sink] + slots + row[sink:] for row, slots in zip(self._frame_rows(frames), self._bank_slots)]
+        return self._padded_table(rows, device)
 
     # ------------------------------------------------------------------------------------------ writing, eviction
     def append_frames(self, num_frames: Optional[int] = None) -> torch.Tensor:
@@ -643,8 +634,7 @@ class GroupKVCache:
             for offset, block in enumerate(row):
                 frame_map[self.num_frames + offset] = block
         self.num_frames += count
-        device = self.device if self.device.type != "meta" else torch.device("cpu")
-        appended = torch.tensor(ids, dtype=torch.int64, device=device)
+        appended = torch.tensor(ids, dtype=torch.int64, device=self._table_device(None))
         self._appended = (appended, [block for row in ids for block in row])  # write()'s check needs no sync
         return appended
 

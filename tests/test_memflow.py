@@ -408,8 +408,8 @@ def test_bank_slots_are_copies_and_evicted_frames_free_their_blocks():
     for index in range(9):
         gen.commit_block(cache, index, _block(clean, config, index), prompt)
     assert 9 not in cache.frames(0) and cache.bank_frames(0, 0) == [0, 9, 18]
-    tables = cache.bank_block_tables()
-    assert len(tables) == TINY["num_layers"] and int(tables[0][1][0]) == 3 + 3 + 6  # sink + bank + window
+    _, counts = cache.bank_block_table()
+    assert int(counts[0]) == 3 + 3 + 6  # sink + bank + window (one table: the slot ids are the same in every layer)
     used = sum(1 for count in cache._pool.refcount if count)
     assert used == len(cache.frames(0)) + 3 + 1  # the resident frames, 3 slot blocks, the pending block
     slots = cache.bank_blocks(0)[0]
@@ -775,7 +775,7 @@ def test_memflow_routed_branches_equal_the_masked_full_forward(fork, perturbed):
         sigma = torch.tensor([0.8, 0.5, 0.3])
         with torch.no_grad():  # no graph holding pool views while the commits below grow the pool
             got = gen.predict_x0(group, index, x_t, sigma, prompt, routes=routes + [None])
-        (table, counts), bank = group.bank_block_tables(3 * index, routes + [None])[0], group.bank_blocks(0)
+        (table, counts), bank = group.bank_block_table(3 * index, routes + [None]), group.bank_blocks(0)
         assert table[0, :counts[0]].tolist() == bank[0] + [group._maps[0][j] for j in sorted(read[0][index])]
         assert table[2, :3].tolist() == [group._maps[2][j] for j in range(3)]  # the anchor: [sink | bank | local]
         for k in range(3):
@@ -892,9 +892,9 @@ def test_trainer_steps_with_the_bank_and_never_grows_the_pool(tmp_path, monkeypa
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
-def test_triton_backend_reads_the_per_layer_bank_tables():
-    """The Triton kernel (interpreted on CPU) reads the per-layer tables, repeated bank blocks included, as the
-    torch path does (which the reference pins above)."""
+def test_triton_backend_reads_the_bank_table():
+    """The Triton kernel (interpreted on CPU) reads the bank table, repeated bank blocks included, as the torch
+    path does (which the reference pins above)."""
     config = _config("rollout", 2, 2)
     model = _model(11)
     triton, torch_path = (StreamingWanGenerator(model, config, backend=name) for name in ("triton", "torch"))

@@ -16,8 +16,9 @@ One module per concern (the public names are re-exported here):
   forward, each with its own route. Multi-prompt videos (LongLive): at a prompt switch, ``recache`` re-encodes
   the retained window under the new prompt in one batched forward into fresh cache blocks (global sink).
 - ``memflow``: MemFlow's KV memory bank (``StreamingConfig.memory_bank_frames``): the released bank rule, the
-  frame it records and the text saliency that evicts. Bank frames are refcounted cache blocks; each layer reads
-  ``[sink | bank | local]`` through its own block table.
+  frame it records and the text saliency that evicts. The bank is S slot blocks + 1 pending block of the cache
+  per sequence (copies, each layer's plane holding its own frames); every layer reads ``[sink | bank | local]``
+  through one block table.
 - ``weights``: :func:`load_causal_wan_weights` maps Self-Forcing / LongLive checkpoints (original Wan names,
   ``.pt`` or safetensors) onto ``WanTransformer3DModel``.
 

@@ -22,8 +22,6 @@ class _BlockContext:
     rotary: tuple                     # (cos, sin), each [1, f * S, 1, D] float32, at the block's frame offset
     write_ids: Optional[torch.Tensor]  # int64 [B, f] blocks to fill with this block's K/V, or None (read only)
     backend: str                      # routed_attention backend
-    layer_tables: Optional[list] = None  # MemFlow: one (block_table, block_counts) per layer (with the bank),
-    #                                      used instead of block_table / block_counts
     attend_self: bool = True          # False: the queries read only the table (the block's own K/V are still
     #                                   written): MemFlow's re-cache of the frames outside the local window
 
@@ -89,8 +87,7 @@ class RoutedWanAttnProcessor:
         if context.write_ids is not None:
             context.cache.write(self.layer_index, context.write_ids, key, value)
         k_cache, v_cache = context.cache.layer(self.layer_index)
-        table, counts = (context.block_table, context.block_counts) if context.layer_tables is None \
-            else context.layer_tables[self.layer_index]
+        table, counts = context.block_table, context.block_counts
         # The cache builds the tables from resident blocks only, so the per-call host check of block ids (a
         # device sync in each of the model's layers) is skipped.
         own_key, own_value = (key, value) if context.attend_self else (None, None)

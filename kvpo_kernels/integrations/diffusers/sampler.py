@@ -137,11 +137,11 @@ class StreamingWanGenerator:
         return sigma.reshape(-1).expand(batch)
 
     def _forward(self, cache: GroupKVCache, start: int, x: torch.Tensor, sigma: torch.Tensor,
-                 prompt_embeds: torch.Tensor, tables, write_ids, attend_self: bool = True) -> torch.Tensor:
+                 prompt_embeds: torch.Tensor, table, write_ids, attend_self: bool = True) -> torch.Tensor:
         """Velocity ``v [B, C, f, H, W]`` of one block, attending to the cache (and writing it with write_ids).
-        ``tables``: one ``(block_table, block_counts)`` for every layer, or a list of one per layer (MemFlow);
-        ``attend_self=False``: the queries read the tables only, not the block's own K/V."""
-        table, counts = (None, None) if isinstance(tables, list) else tables
+        ``table``: the ``(block_table, block_counts)`` every layer reads; ``attend_self=False``: the queries read
+        the table only, not the block's own K/V."""
+        block_table, block_counts = table
         _, ph, pw = self.transformer.config.patch_size
         rotary = _block_rotary(self.transformer.rope, start, x.shape[2], x.shape[3] // ph, x.shape[4] // pw)
         rotary = tuple(r.to(x.device) for r in rotary)
@@ -149,8 +149,8 @@ class StreamingWanGenerator:
         if _installed_state(transformer) is not self._state:
             raise RuntimeError("the transformer's self-attention processors were replaced after this generator "
                                "installed its own (set_attn_processor?): build a new StreamingWanGenerator")
-        context = _BlockContext(cache, table, counts, rotary, write_ids, self.backend,
-                                layer_tables=tables if isinstance(tables, list) else None, attend_self=attend_self)
+        context = _BlockContext(cache, block_table, block_counts, rotary, write_ids, self.backend,
+                                attend_self=attend_self)
         patched = transformer.gradient_checkpointing and torch.is_grad_enabled()
         if patched:
             # A checkpointed block recomputes during backward, after this call returned: bind its context there
@@ -172,10 +172,10 @@ class StreamingWanGenerator:
             if patched:
                 transformer._gradient_checkpointing_func = outer
 
-    def _history_tables(self, cache: GroupKVCache, start: int, routes, device):
-        """What block ``start`` reads: one table for all layers, or (MemFlow) one per layer with its bank."""
+    def _history_table(self, cache: GroupKVCache, start: int, routes, device):
+        """What block ``start`` reads (every layer): its history, and (MemFlow) the bank."""
         if self.config.memory_bank_frames:
-            return cache.bank_block_tables(start, routes, device=device)
+            return cache.bank_block_table(start, routes, device=device)
         return cache.block_table(start, routes, device=device)
 
     def _record_bank(self, cache: GroupKVCache, block_index: int, prompt_embeds: Optional[torch.Tensor],
@@ -207,8 +207,8 @@ class StreamingWanGenerator:
         start = self._start(block_index)
         prompt_embeds = self._check_block(cache, "x_t", x_t, prompt_embeds)
         sigma = self._sigma(sigma, x_t.shape[0], x_t.device)
-        tables = self._history_tables(cache, start, routes, x_t.device)
-        v = self._forward(cache, start, x_t, sigma, prompt_embeds, tables, None)
+        table = self._history_table(cache, start, routes, x_t.device)
+        v = self._forward(cache, start, x_t, sigma, prompt_embeds, table, None)
         return (x_t.float() - sigma.view(-1, 1, 1, 1, 1) * v.float()).to(x_t.dtype)
 
     def _context_input(self, x0: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
@@ -240,11 +240,11 @@ class StreamingWanGenerator:
                              f"next block to commit starts at frame {cache.num_frames}, not {start}")
         x_in = self._context_input(x0, commit_noise)
         # The table (built before the new blocks exist) also validates the routes before anything is allocated.
-        tables = self._history_tables(cache, start, routes, x0.device)
+        table = self._history_table(cache, start, routes, x0.device)
         write_ids = cache.append_frames(self.config.frames_per_block)
         try:
             self._forward(cache, start, x_in, self._sigma(self.config.context_timestep_sigma, x0.shape[0], x0.device),
-                          prompt_embeds, tables, write_ids)
+                          prompt_embeds, table, write_ids)
             if self.config.memory_bank_frames:
                 self._record_bank(cache, block_index, None if before_switch else prompt_embeds, record_bank)
         finally:
@@ -285,10 +285,10 @@ class StreamingWanGenerator:
         if bank:
             self._recache_with_bank(cache, frames, x, prompt_embeds)
             return frames
-        tables = cache.frames_table(range(min(self.config.sink_frames, start)), device=x.device)
+        table = cache.frames_table(range(min(self.config.sink_frames, start)), device=x.device)
         write_ids = cache.rewrite_frames(frames)
         self._forward(cache, frames[0], x, self._sigma(self.config.context_timestep_sigma, x.shape[0], x.device),
-                      prompt_embeds, tables, write_ids)
+                      prompt_embeds, table, write_ids)
         return frames
 
     def _check_bank_switch(self, cache: Optional[GroupKVCache] = None) -> None:
@@ -324,12 +324,12 @@ class StreamingWanGenerator:
         near = frames if frames[0] == 0 else [f for f in frames if f >= start - local]
         older = frames[:len(frames) - len(near)]
         sink = [] if frames[0] == 0 else list(range(min(c.sink_frames, start)))
-        tables = cache.bank_frames_tables(sink, device=x.device)
-        self._forward(cache, near[0], x[:, :, len(older):], sigma, prompt_embeds, tables,
+        table = cache.bank_frames_table(sink, device=x.device)
+        self._forward(cache, near[0], x[:, :, len(older):], sigma, prompt_embeds, table,
                       cache.rewrite_frames(near))
         if older:
-            tables = cache.bank_frames_tables(sink + near, device=x.device)
-            self._forward(cache, older[0], x[:, :, :len(older)], sigma, prompt_embeds, tables,
+            table = cache.bank_frames_table(sink + near, device=x.device)
+            self._forward(cache, older[0], x[:, :, :len(older)], sigma, prompt_embeds, table,
                           cache.rewrite_frames(older), attend_self=False)
 
     @torch.no_grad()
